@@ -1,0 +1,1 @@
+"""Model architectures, checkpoint loading and the default models."""

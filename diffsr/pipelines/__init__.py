@@ -1,0 +1,1 @@
+"""One file per method: the whole inference path, top to bottom."""
