@@ -1,0 +1,61 @@
+"""The methods diffsr can run: name -> the module that declares it (imported only when used).
+
+Each method module defines `METHOD`, a `Method`: its option schema (load-time and per-image
+options), licence, the weight files it needs, and a `load(**load_options)` that returns a
+pipeline with `upscale(image: ImageData, on_progress=None, **run_options) -> ImageData` and
+`settings(**run_options) -> dict`. The CLI, the Python API and the server read this registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from diffsr.options import OptionSet
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """A file the user must provide, named as its publisher names it."""
+
+    option: str
+    """The load option that takes its path (e.g. "weights", "base")."""
+    filename: str
+    source: str
+    """Where users get it (URL or model page)."""
+    licence: str = ""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    options: OptionSet
+    load: Callable[..., Any]
+    licence: str
+    weights: tuple[WeightFile, ...] = field(default=())
+
+    def load_options(self) -> OptionSet:
+        return OptionSet(tuple(o for o in self.options.options if o.stage == "load"), self.options.licence)
+
+    def run_options(self) -> OptionSet:
+        return OptionSet(tuple(o for o in self.options.options if o.stage == "run"), self.options.licence)
+
+
+METHOD_MODULES = {
+    "feedforward": "diffsr.pipelines.feedforward",
+}
+DEFAULT_METHOD = "feedforward"
+
+
+def get_method(name: str) -> Method:
+    try:
+        module = METHOD_MODULES[name]
+    except KeyError:
+        raise ValueError(f"unknown method '{name}'; available: {', '.join(METHOD_MODULES)}") from None
+    return importlib.import_module(module).METHOD
+
+
+def list_methods() -> list[Method]:
+    return [get_method(name) for name in METHOD_MODULES]
