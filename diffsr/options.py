@@ -106,7 +106,7 @@ class OptionSet:
                     type=_argparse_type(option),
                     default=option.default,
                     choices=option.choices,
-                    help=text + " (default: %(default)s)",
+                    help=text if option.default is None else text + " (default: %(default)s)",
                 )
 
     def from_namespace(self, namespace: argparse.Namespace) -> dict[str, Any]:

@@ -24,7 +24,9 @@ from diffsr import __version__
 from diffsr.io.image import ImageData, decode_image, encode_image, read_image
 from diffsr.models.defaults import DEFAULT_MODEL_NAME, DEFAULT_MODELS, default_state_dict
 from diffsr.models.loading import WeightsError, load_checkpoint
+from diffsr.options import Option, options
 from diffsr.progress import OptionalCallback
+from diffsr.registry import Method
 from diffsr.resample import resize_array
 from diffsr.runtime import available_memory, cpu_has_amx_bf16, resolve_device, resolve_dtype
 from diffsr.tiling import MIN_TILE, TiledRunner
@@ -169,7 +171,7 @@ class Upscaler:
         image: ImageInput,
         outscale: float | None = None,
         tile: int = 0,
-        tile_overlap: int = 16,
+        tile_overlap: int = 32,
         pre_pad: int = 10,
         alpha_upsampler: AlphaUpsampler = "model",
         on_progress: OptionalCallback = None,
@@ -184,7 +186,7 @@ class Upscaler:
         image: ImageData,
         outscale: float | None = None,
         tile: int = 0,
-        tile_overlap: int = 16,
+        tile_overlap: int = 32,
         pre_pad: int = 10,
         alpha_upsampler: AlphaUpsampler = "model",
         on_progress: OptionalCallback = None,
@@ -317,3 +319,35 @@ def _like_input(original: ImageInput, result: ImageData) -> Any:
             return np.rint(stacked * 65535).astype(np.uint16)
         return stacked
     return result
+
+
+OPTIONS = options(
+    Option("model", str, DEFAULT_MODEL_NAME, "built-in model name or a .pth/.safetensors/.ckpt file that spandrel detects",
+           aliases=("-n", "--model_name", "--model_path"), stage="load"),
+    Option("device", str, "auto", "auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps", stage="load"),
+    Option("dtype", str, "auto", "auto: fp16 on GPUs; on the CPU bf16 where it has AMX units (fp32 otherwise)",
+           choices=("auto", "fp32", "fp16", "bf16"), stage="load"),
+    Option("outscale", float, None, "final scale; the model's output is resampled with Lanczos (default: the model's scale)",
+           minimum=0.01, maximum=16.0, aliases=("-s",), nullable=True),
+    Option("tile", int, 0, "tile size in input pixels; 0 = choose from free memory (as the ncnn tools mean it)",
+           minimum=0, aliases=("-t",)),
+    Option("tile_overlap", int, 32, "overlap between tiles in input pixels, blended", minimum=0, aliases=("--tile_pad",)),
+    Option("pre_pad", int, 10, "reflect padding around the whole image before inference, as the ncnn runtime does",
+           minimum=0, maximum=64, aliases=("--pre_pad",)),
+    Option("alpha_upsampler", str, "model", "how alpha is upscaled: by the model (as Real-ESRGAN) or bicubic",
+           choices=("model", "bicubic"), aliases=("--alpha_upsampler",)),
+    licence="BSD-3-Clause for the built-in Real-ESRGAN weights; community models carry their own licences",
+)
+
+
+def _load(model: str = DEFAULT_MODEL_NAME, device: str = "auto", dtype: str = "auto") -> Upscaler:
+    return Upscaler.from_pretrained(model, device=device, dtype=dtype)
+
+
+METHOD = Method(
+    name="feedforward",
+    summary="Real-ESRGAN (built in, no download) or any feed-forward SR model spandrel detects",
+    options=OPTIONS,
+    load=_load,
+    licence=OPTIONS.licence,
+)
