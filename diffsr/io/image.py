@@ -48,6 +48,8 @@ _EXIF_SOFTWARE = 0x0131
 _EXIF_IFD = 0x8769
 _EXIF_USER_COMMENT = 0x9286
 _TIFF_ICC_TAG = 34675
+_TIFF_DESCRIPTION = 270
+_TIFF_SOFTWARE = 305
 
 
 class ImageError(ValueError):
@@ -295,10 +297,7 @@ def encode_image(image: ImageData, fmt: str, settings: dict[str, Any] | None = N
     if sixteen and array.shape[2] >= 3:
         return _encode_sixteen_bit_colour(array, fmt, image, comment)
 
-    if array.shape[2] == 1:
-        pil = Image.fromarray(array[:, :, 0], mode="I;16" if sixteen else "L")
-    else:
-        pil = Image.fromarray(array, mode={2: "LA", 3: "RGB", 4: "RGBA"}[array.shape[2]])
+    pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)  # L, I;16, LA, RGB or RGBA
     kwargs: dict[str, Any] = {}
     if image.icc_profile and fmt != "BMP":
         kwargs["icc_profile"] = image.icc_profile
@@ -312,12 +311,14 @@ def encode_image(image: ImageData, fmt: str, settings: dict[str, Any] | None = N
         kwargs["pnginfo"] = info
         if image.exif:
             kwargs["exif"] = image.exif
-    elif fmt in ("JPEG", "WEBP", "TIFF"):
+    elif fmt in ("JPEG", "WEBP"):
         kwargs["exif"] = _exif_with_comment(image.exif, comment)
-        if fmt in ("JPEG", "WEBP"):
-            kwargs["quality"] = quality
-        if fmt == "TIFF":
-            kwargs["compression"] = "tiff_lzw"
+        kwargs["quality"] = quality
+        if fmt == "JPEG":
+            kwargs["subsampling"] = 0  # 4:4:4: chroma subsampling would throw away detail the model made
+    elif fmt == "TIFF":
+        kwargs["compression"] = "tiff_lzw"
+        kwargs["tiffinfo"] = {_TIFF_SOFTWARE: _software(), **({_TIFF_DESCRIPTION: comment} if comment else {})}
     buffer = io.BytesIO()
     pil.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
@@ -389,7 +390,7 @@ def read_settings(path: str | Path) -> dict[str, Any] | None:
     with Image.open(path) as im:
         text = im.info.get("diffsr")
         if text is None and im.format == "TIFF":
-            text = im.tag_v2.get(270)
+            text = im.tag_v2.get(_TIFF_DESCRIPTION)
         if text is None:
             comment = im.getexif().get_ifd(_EXIF_IFD).get(_EXIF_USER_COMMENT)
             if isinstance(comment, bytes):

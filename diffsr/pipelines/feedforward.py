@@ -38,6 +38,9 @@ T = TypeVar("T")
 # Rough activation memory of a tile relative to a plain convolutional net; attention models need more.
 _MEMORY_FACTOR = {"SwinIR": 4.0, "Swin2SR": 4.0, "HAT": 6.0, "DAT": 6.0, "ATD": 6.0, "DRCT": 6.0, "RGT": 6.0, "GRL": 6.0}
 _AUTO_TILE_CAP = 1024
+# Tile overlap (input pixels) past which a cut no longer changes the output by a visible level:
+# measured for RRDBNet x4plus (error < 1/255 at 48-64 px from a cut) and Compact (17-layer field).
+_OVERLAP = {"ESRGAN": 64, "Compact": 20}
 _MEMORY_SHARE = 0.25  # of free memory for one tile's activations: the CPU has no out-of-memory exception to catch
 
 
@@ -78,7 +81,8 @@ def load_descriptor(name_or_path: str | Path) -> tuple[Any, ModelInfo]:
             "(ESRGAN, Compact, SwinIR, HAT, DAT, ...) or a diffusion method's --method"
         ) from None
     except (KeyError, RuntimeError, ValueError) as exc:
-        raise WeightsError(f"{source}: weights do not fit the detected architecture ({exc})") from None
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "mismatch" in ln or "Missing" in ln), str(exc).splitlines()[0])
+        raise WeightsError(f"{source}: weights do not fit the detected architecture ({detail})") from None
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise WeightsError(f"{source}: is a {descriptor.purpose} model, not an image-to-image model")
     scale = DEFAULT_MODELS[key].scale if key in DEFAULT_MODELS else descriptor.scale
@@ -171,7 +175,7 @@ class Upscaler:
         image: ImageInput,
         outscale: float | None = None,
         tile: int = 0,
-        tile_overlap: int = 32,
+        tile_overlap: int | None = None,
         pre_pad: int = 10,
         alpha_upsampler: AlphaUpsampler = "model",
         on_progress: OptionalCallback = None,
@@ -186,7 +190,7 @@ class Upscaler:
         image: ImageData,
         outscale: float | None = None,
         tile: int = 0,
-        tile_overlap: int = 32,
+        tile_overlap: int | None = None,
         pre_pad: int = 10,
         alpha_upsampler: AlphaUpsampler = "model",
         on_progress: OptionalCallback = None,
@@ -196,7 +200,8 @@ class Upscaler:
         if outscale <= 0:
             raise ValueError(f"--outscale must be positive, got {outscale}")
         target = (max(1, round(image.height * outscale)), max(1, round(image.width * outscale)))
-        run = _Run(max(tile, 0), max(tile_overlap, 0), max(pre_pad, 0), on_progress)
+        overlap = _OVERLAP.get(self.descriptor.architecture.id, 32) if tile_overlap is None else max(tile_overlap, 0)
+        run = _Run(max(tile, 0), overlap, max(pre_pad, 0), on_progress)
 
         pixels = self._upscale_colour(image.pixels, run)
         alpha = None
@@ -331,7 +336,8 @@ OPTIONS = options(
            minimum=0.01, maximum=16.0, aliases=("-s",), nullable=True),
     Option("tile", int, 0, "tile size in input pixels; 0 = choose from free memory (as the ncnn tools mean it)",
            minimum=0, aliases=("-t",)),
-    Option("tile_overlap", int, 32, "overlap between tiles in input pixels, blended", minimum=0, aliases=("--tile_pad",)),
+    Option("tile_overlap", int, None, "overlap between tiles in input pixels, blended; auto: enough that tiles match the "
+           "untiled result (64 for RRDBNet, 20 for Compact, 32 otherwise)", minimum=0, aliases=("--tile_pad",), nullable=True),
     Option("pre_pad", int, 10, "reflect padding around the whole image before inference, as the ncnn runtime does",
            minimum=0, maximum=64, aliases=("--pre_pad",)),
     Option("alpha_upsampler", str, "model", "how alpha is upscaled: by the model (as Real-ESRGAN) or bicubic",
