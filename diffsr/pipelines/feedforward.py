@@ -234,7 +234,14 @@ class Upscaler:
         }
 
     def choose_tile(self, height: int, width: int) -> int:
-        """The largest square tile whose activations fit in a share of free memory (0 = auto)."""
+        """The largest square tile whose activations fit in a share of free memory.
+
+        Models that tile internally (spandrel's `ModelTiling.INTERNAL`) get the whole image.
+        """
+        import spandrel
+
+        if self.descriptor.tiling == spandrel.ModelTiling.INTERNAL:
+            return max(height, width)
         elem = torch.finfo(self.dtype).bits // 8
         factor = _MEMORY_FACTOR.get(self.info.architecture, 1.0)
         per_pixel = elem * 64 * (4 + 3 * self.info.network_scale**2) * factor
