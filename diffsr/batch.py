@@ -18,9 +18,12 @@ from diffsr.io.image import (
     SUFFIX_BY_FORMAT,
     ImageData,
     ImageError,
-    read_image,
+    decode_image,
+    read_file,
+    read_settings,
     write_image,
 )
+from diffsr.manifest import Manifest, Record, content_hash, settings_digest
 from diffsr.progress import OptionalCallback, report
 
 GLOB_CHARS = frozenset("*?[")
@@ -45,7 +48,10 @@ class Summary:
         return not self.failed
 
     def lines(self) -> list[str]:
-        out = [f"written {len(self.written)}, skipped {len(self.skipped)} (output exists; --overwrite redoes them), failed {len(self.failed)}"]
+        out = [
+            f"written {len(self.written)}, skipped {len(self.skipped)} (done before, or existing files; "
+            f"--overwrite redoes them), failed {len(self.failed)}"
+        ]
         out += [f"  note: {note}" for note in self.notes]
         out += [f"  failed: {reason}" for _, reason in self.failed]
         return out
@@ -122,40 +128,87 @@ def run_batch(
     quality: int = 95,
     on_progress: OptionalCallback = None,
 ) -> Summary:
+    """Process every input, resuming from the output folder's manifest unless `overwrite`."""
+    job = _Job(out_dir, settings, ext, suffix, overwrite, max_pixels, quality, {item.path.resolve() for item in items})
     summary = Summary()
-    planned: dict[Path, Path] = {}
-    inputs = {item.path.resolve() for item in items}
     report(on_progress, "files", 0, len(items))
     for index, item in enumerate(items):
         try:
-            _run_one(item, process, out_dir, settings, ext, suffix, overwrite, max_pixels, quality, summary, planned, inputs)
-        except (ImageError, ValueError) as exc:
-            summary.failed.append((str(item.path), str(exc)))
-        except MemoryError as exc:
-            summary.failed.append((str(item.path), f"{item.path}: {exc}"))
+            job.run_one(item, process, summary)
+        except (ImageError, ValueError, MemoryError) as exc:
+            job.fail(item, f"{item.path}: {exc}" if isinstance(exc, MemoryError) else str(exc), summary)
         except OSError as exc:
-            summary.failed.append((str(item.path), f"{item.path}: cannot write output ({exc.strerror or exc})"))
+            job.fail(item, f"{item.path}: cannot write output ({exc.strerror or exc})", summary)
         report(on_progress, "files", index + 1, len(items), str(item.path))
     return summary
 
 
-def _run_one(item, process, out_dir, settings, ext, suffix, overwrite, max_pixels, quality, summary, planned, inputs) -> None:
-    image = read_image(item.path, max_pixels=max_pixels)
-    target, note = output_path(item, out_dir, image, ext, suffix)
-    resolved = target.resolve()
-    if resolved in inputs:
-        raise ImageError(f"{item.path}: output {target} would overwrite an input; choose another -o or --suffix")
-    if resolved in planned:
-        raise ImageError(f"{item.path}: output {target} is also the output of {planned[resolved]}; use --ext auto or another --suffix")
-    planned[resolved] = item.path
-    if target.exists() and not overwrite:
-        summary.skipped.append(target)
-        return
-    if note:
-        summary.notes.append(note)
-    if image.frame_count > 1:
-        summary.notes.append(f"{item.path}: animated ({image.frame_count} frames): only the first frame was upscaled")
-    result = process(image)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_image(target, result, settings={**settings, "source": item.path.name}, quality=quality)
-    summary.written.append(target)
+class _Job:
+    """The state of one batch: its manifest, the outputs planned so far, the settings digest."""
+
+    def __init__(self, out_dir, settings, ext, suffix, overwrite, max_pixels, quality, inputs):
+        self.out_dir, self.settings, self.ext, self.suffix = out_dir, settings, ext, suffix
+        self.overwrite, self.max_pixels, self.quality, self.inputs = overwrite, max_pixels, quality, inputs
+        self.digest = settings_digest({**settings, "ext": ext, "suffix": suffix, "quality": quality})
+        self.manifest = Manifest.open(out_dir, fresh=overwrite)
+        self.planned: dict[Path, Path] = {}
+
+    def run_one(self, item: InputFile, process: Process, summary: Summary) -> None:
+        data = read_file(item.path)
+        key, sha = str(item.path.resolve()), content_hash(data)
+        done = self.manifest.finished(key, sha, self.digest)
+        if done:
+            summary.skipped.append(self.out_dir / done.output)
+            return
+        image = decode_image(data, name=str(item.path), max_pixels=self.max_pixels)
+        target, note = output_path(item, self.out_dir, image, self.ext, self.suffix)
+        self._claim(item, target)
+        relative = str(target.relative_to(self.out_dir))
+        if target.exists() and not self.overwrite:
+            made = _recorded_source(target)
+            if made == (sha, self.digest):  # finished just before a kill could record it
+                self.manifest.add(Record(key, len(data), sha, self.digest, relative, "done", output_size=target.stat().st_size))
+                summary.skipped.append(target)
+                return
+            if made is None and key not in self.manifest.records:
+                summary.skipped.append(target)  # not diffsr's output of this batch: leave it alone
+                return
+        if note:
+            summary.notes.append(note)
+        if image.frame_count > 1:
+            summary.notes.append(f"{item.path}: animated ({image.frame_count} frames): only the first frame was upscaled")
+        result = process(image)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        provenance = {"source": item.path.name, "source_sha256": sha, "settings_digest": self.digest}
+        write_image(target, result, settings={**self.settings, **provenance}, quality=self.quality)
+        self.manifest.add(Record(key, len(data), sha, self.digest, relative, "done", output_size=target.stat().st_size))
+        summary.written.append(target)
+
+    def fail(self, item: InputFile, reason: str, summary: Summary) -> None:
+        summary.failed.append((str(item.path), reason))
+        try:
+            size = item.path.stat().st_size
+        except OSError:
+            size = -1
+        self.manifest.add(Record(str(item.path.resolve()), size, "", self.digest, None, "failed", reason))
+
+    def _claim(self, item: InputFile, target: Path) -> None:
+        resolved = target.resolve()
+        if resolved in self.inputs:
+            raise ImageError(f"{item.path}: output {target} would overwrite an input; choose another -o or --suffix")
+        if resolved in self.planned:
+            raise ImageError(
+                f"{item.path}: output {target} is also the output of {self.planned[resolved]}; use --ext auto or another --suffix"
+            )
+        self.planned[resolved] = item.path
+
+
+def _recorded_source(path: Path) -> tuple[str, str] | None:
+    """(input hash, settings digest) that diffsr recorded in an output file, or None for other files."""
+    try:
+        settings = read_settings(path)
+    except Exception:  # unreadable or foreign files simply carry no record
+        return None
+    if not settings or "settings_digest" not in settings:
+        return None
+    return settings.get("source_sha256", ""), settings["settings_digest"]

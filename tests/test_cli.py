@@ -39,7 +39,7 @@ def test_folder_batch_names_outputs_and_records_settings(tmp_path, model):
     _photo(src / "sub" / "c.png")
     out = tmp_path / "out"
     assert _upscale(str(src), "-o", str(out), "--model", model, "--device", "cpu") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a_out.png", "b_out.jpg"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_out.png", "b_out.jpg", "diffsr-manifest.jsonl"]
     assert read_image(out / "a_out.png").pixels.shape == (64, 80, 3)
     settings = read_settings(out / "a_out.png")
     assert settings["model"] == "tiny" and settings["source"] == "a.png"
@@ -47,17 +47,32 @@ def test_folder_batch_names_outputs_and_records_settings(tmp_path, model):
     assert read_image(out / "sub" / "c_x2.png").pixels.shape == (32, 40, 3)
 
 
-def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, model, capsys):
+def test_finished_outputs_are_skipped_and_changed_ones_redone(tmp_path, model, capsys):
     source = _photo(tmp_path / "a.png")
     out = tmp_path / "out"
     assert _upscale(str(source), "-o", str(out), "--model", model) == 0
     target = out / "a_out.png"
-    target.write_bytes(b"sentinel")
+    first = target.stat().st_mtime_ns
     assert _upscale(str(source), "-o", str(out), "--model", model) == 0
-    assert target.read_bytes() == b"sentinel"
-    assert "skipped 1" in capsys.readouterr().out
+    assert target.stat().st_mtime_ns == first and "skipped 1" in capsys.readouterr().out
+    target.write_bytes(target.read_bytes()[:100])  # a damaged output is not "done"
+    assert _upscale(str(source), "-o", str(out), "--model", model) == 0
+    assert read_image(target).pixels.shape == (64, 80, 3)
+    _photo(source, size=(24, 16))  # a changed input is redone
+    assert _upscale(str(source), "-o", str(out), "--model", model) == 0
+    assert read_image(target).pixels.shape == (64, 96, 3)
+    assert "written 1" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_foreign_files_are_kept_unless_overwrite(tmp_path, model, capsys):
+    source = _photo(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_out.png").write_bytes(b"someone else's file")
+    assert _upscale(str(source), "-o", str(out), "--model", model) == 0
+    assert (out / "a_out.png").read_bytes() == b"someone else's file"
     assert _upscale(str(source), "-o", str(out), "--model", model, "--overwrite") == 0
-    assert target.read_bytes() != b"sentinel"
+    assert read_image(out / "a_out.png").pixels.shape == (64, 80, 3)
 
 
 def test_bad_files_are_reported_and_the_batch_goes_on(tmp_path, model, capsys):
