@@ -27,6 +27,7 @@ from diffsr.manifest import Manifest, Record, content_hash, settings_digest
 from diffsr.progress import OptionalCallback, report
 
 GLOB_CHARS = frozenset("*?[")
+LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class Summary:
 
 
 def collect_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[InputFile], list[tuple[str, str]]]:
-    """Files, folders (their images; sub-folders with `recursive`) and glob patterns, in a stable order."""
+    """Files, folders (their images; sub-folders with `recursive`), glob patterns and .txt/.lst lists of
+    paths, in a stable order, each file once."""
     found: list[InputFile] = []
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()
@@ -79,6 +81,11 @@ def collect_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[Inp
                 problems.append((text, f"{text}: folder has no images{hint}"))
             for image in images:
                 add(image, image.relative_to(path))
+        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+            listed, missing = _read_list(path)
+            problems += missing
+            for entry in listed:
+                add(entry, Path(entry.name))
         elif path.exists():
             add(path, Path(path.name))
         elif GLOB_CHARS & set(text):
@@ -90,6 +97,21 @@ def collect_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[Inp
         else:
             problems.append((text, f"{text}: no such file or folder"))
     return found, problems
+
+
+def _read_list(list_file: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Paths named one per line in a text file (blank lines and # comments skipped), relative to it."""
+    paths, problems = [], []
+    for number, line in enumerate(list_file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(entry) if Path(entry).is_absolute() else list_file.parent / entry
+        if path.is_file():
+            paths.append(path)
+        else:
+            problems.append((entry, f"{list_file}:{number}: {entry}: no such file"))
+    return paths, problems
 
 
 def _is_image_name(path: Path) -> bool:

@@ -149,3 +149,14 @@ def test_console_script_upscales_the_sample_with_the_default_model(tmp_path):
     assert image.pixels.shape == (480, 640, 3)
     assert read_settings(out / "sample_out.png")["model"] == "realesrgan-x4plus"
     assert np.std(image.pixels) > 0.05
+
+
+def test_a_text_file_lists_the_inputs(tmp_path, model, capsys):
+    _photo(tmp_path / "pics" / "x.png")
+    _photo(tmp_path / "pics" / "y.png")
+    listing = tmp_path / "todo.txt"
+    listing.write_text("# to upscale\npics/x.png\n\npics/y.png\npics/gone.png\n")
+    out = tmp_path / "out"
+    assert _upscale(str(listing), "-o", str(out), "--model", model) == 1
+    assert (out / "x_out.png").is_file() and (out / "y_out.png").is_file()
+    assert "todo.txt:5: pics/gone.png: no such file" in capsys.readouterr().err
