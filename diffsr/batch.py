@@ -138,91 +138,146 @@ def output_path(item: InputFile, out_dir: Path, image: ImageData, ext: str, suff
 Process = Callable[[ImageData], ImageData]
 
 
-def run_batch(
-    items: list[InputFile],
-    process: Process,
-    out_dir: Path,
-    settings: dict[str, Any],
-    ext: str = "auto",
-    suffix: str = "out",
-    overwrite: bool = False,
-    max_pixels: int | None = None,
-    quality: int = 95,
-    on_progress: OptionalCallback = None,
-) -> Summary:
-    """Process every input, resuming from the output folder's manifest unless `overwrite`."""
-    job = _Job(out_dir, settings, ext, suffix, overwrite, max_pixels, quality, {item.path.resolve() for item in items})
-    summary = Summary()
-    report(on_progress, "files", 0, len(items))
-    for index, item in enumerate(items):
+@dataclass(frozen=True)
+class BatchConfig:
+    """Everything about a batch that decides where and how outputs are written (picklable for workers)."""
+
+    out_dir: Path
+    settings: dict[str, Any]
+    ext: str = "auto"
+    suffix: str = "out"
+    overwrite: bool = False
+    max_pixels: int | None = None
+    quality: int = 95
+
+    @property
+    def digest(self) -> str:
+        return settings_digest({**self.settings, "ext": self.ext, "suffix": self.suffix, "quality": self.quality})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one input: written, skipped (done before, or a file that is not ours) or failed."""
+
+    item: InputFile
+    state: str
+    record: Record | None = None
+    target: Path | None = None
+    reason: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+class FileWorker:
+    """The work on one file, the same for every engine: read, skip if done, decode, process, write.
+
+    It holds no shared state: the manifest's records come in, outcomes go out, and the caller
+    (the local loop or the Ray driver) records them. `claim` lets the caller refuse an output that
+    would replace an input or another input's output before any pixel is computed.
+    """
+
+    def __init__(self, config: BatchConfig, finished: dict[str, Record], claim: Callable[[InputFile, Path], None] | None = None):
+        self.config, self.finished, self.claim = config, finished, claim
+        self.digest = config.digest
+
+    def __call__(self, item: InputFile, process: Process) -> Outcome:
         try:
-            job.run_one(item, process, summary)
+            return self._run(item, process)
         except (ImageError, ValueError, MemoryError) as exc:
-            job.fail(item, f"{item.path}: {exc}" if isinstance(exc, MemoryError) else str(exc), summary)
+            return self._failed(item, f"{item.path}: {exc}" if isinstance(exc, MemoryError) else str(exc))
         except OSError as exc:
-            job.fail(item, f"{item.path}: cannot write output ({exc.strerror or exc})", summary)
-        report(on_progress, "files", index + 1, len(items), str(item.path))
-    return summary
+            return self._failed(item, f"{item.path}: cannot write output ({exc.strerror or exc})")
 
-
-class _Job:
-    """The state of one batch: its manifest, the outputs planned so far, the settings digest."""
-
-    def __init__(self, out_dir, settings, ext, suffix, overwrite, max_pixels, quality, inputs):
-        self.out_dir, self.settings, self.ext, self.suffix = out_dir, settings, ext, suffix
-        self.overwrite, self.max_pixels, self.quality, self.inputs = overwrite, max_pixels, quality, inputs
-        self.digest = settings_digest({**settings, "ext": ext, "suffix": suffix, "quality": quality})
-        self.manifest = Manifest.open(out_dir, fresh=overwrite)
-        self.planned: dict[Path, Path] = {}
-
-    def run_one(self, item: InputFile, process: Process, summary: Summary) -> None:
+    def _run(self, item: InputFile, process: Process) -> Outcome:
+        config = self.config
         data = read_file(item.path)
         key, sha = str(item.path.resolve()), content_hash(data)
-        done = self.manifest.finished(key, sha, self.digest)
-        if done:
-            summary.skipped.append(self.out_dir / done.output)
-            return
-        image = decode_image(data, name=str(item.path), max_pixels=self.max_pixels)
-        target, note = output_path(item, self.out_dir, image, self.ext, self.suffix)
-        self._claim(item, target)
-        relative = str(target.relative_to(self.out_dir))
-        if target.exists() and not self.overwrite:
+        done = self.finished.get(key)
+        if done and done.state == "done" and done.sha256 == sha and done.settings == self.digest and _intact(config.out_dir, done):
+            return Outcome(item, "skipped", target=config.out_dir / done.output)
+        image = decode_image(data, name=str(item.path), max_pixels=config.max_pixels)
+        target, note = output_path(item, config.out_dir, image, config.ext, config.suffix)
+        if self.claim:
+            self.claim(item, target)
+        relative = str(target.relative_to(config.out_dir))
+        if target.exists() and not config.overwrite:
             made = _recorded_source(target)
             if made == (sha, self.digest):  # finished just before a kill could record it
-                self.manifest.add(Record(key, len(data), sha, self.digest, relative, "done", output_size=target.stat().st_size))
-                summary.skipped.append(target)
-                return
-            if made is None and key not in self.manifest.records:
-                summary.skipped.append(target)  # not diffsr's output of this batch: leave it alone
-                return
-        if note:
-            summary.notes.append(note)
+                record = Record(key, len(data), sha, self.digest, relative, "done", output_size=target.stat().st_size)
+                return Outcome(item, "skipped", record, target)
+            if made is None and key not in self.finished:
+                return Outcome(item, "skipped", target=target)  # not diffsr's output of this batch: left alone
+        notes = [note] if note else []
         if image.frame_count > 1:
-            summary.notes.append(f"{item.path}: animated ({image.frame_count} frames): only the first frame was upscaled")
+            notes.append(f"{item.path}: animated ({image.frame_count} frames): only the first frame was upscaled")
         result = process(image)
         target.parent.mkdir(parents=True, exist_ok=True)
         provenance = {"source": item.path.name, "source_sha256": sha, "settings_digest": self.digest}
-        write_image(target, result, settings={**self.settings, **provenance}, quality=self.quality)
-        self.manifest.add(Record(key, len(data), sha, self.digest, relative, "done", output_size=target.stat().st_size))
-        summary.written.append(target)
+        write_image(target, result, settings={**config.settings, **provenance}, quality=config.quality)
+        record = Record(key, len(data), sha, self.digest, relative, "done", output_size=target.stat().st_size)
+        return Outcome(item, "written", record, target, notes=tuple(notes))
 
-    def fail(self, item: InputFile, reason: str, summary: Summary) -> None:
-        summary.failed.append((str(item.path), reason))
+    def _failed(self, item: InputFile, reason: str) -> Outcome:
         try:
             size = item.path.stat().st_size
         except OSError:
             size = -1
-        self.manifest.add(Record(str(item.path.resolve()), size, "", self.digest, None, "failed", reason))
+        record = Record(str(item.path.resolve()), size, "", self.digest, None, "failed", reason)
+        return Outcome(item, "failed", record, reason=reason)
 
-    def _claim(self, item: InputFile, target: Path) -> None:
+
+def _intact(out_dir: Path, record: Record) -> bool:
+    output = out_dir / record.output if record.output else None
+    return bool(output and output.is_file() and output.stat().st_size == record.output_size)
+
+
+class Recorder:
+    """The driver side of a batch: the manifest, the summary and progress, fed with outcomes."""
+
+    def __init__(self, config: BatchConfig, total: int, on_progress: OptionalCallback = None):
+        self.manifest = Manifest.open(config.out_dir, fresh=config.overwrite)
+        self.summary = Summary()
+        self.total, self.count, self.on_progress = total, 0, on_progress
+        report(on_progress, "files", 0, total)
+
+    def __call__(self, outcome: Outcome) -> None:
+        if outcome.record is not None:
+            self.manifest.add(outcome.record)
+        if outcome.state == "written":
+            self.summary.written.append(outcome.target)
+        elif outcome.state == "skipped":
+            self.summary.skipped.append(outcome.target)
+        else:
+            self.summary.failed.append((str(outcome.item.path), outcome.reason))
+        self.summary.notes.extend(outcome.notes)
+        self.count += 1
+        report(self.on_progress, "files", self.count, self.total, str(outcome.item.path))
+
+
+class OutputClaims:
+    """Refuses an output that would replace an input, or that another input already produces."""
+
+    def __init__(self, items: list[InputFile]):
+        self.inputs = {item.path.resolve() for item in items}
+        self.planned: dict[Path, Path] = {}
+
+    def __call__(self, item: InputFile, target: Path) -> None:
         resolved = target.resolve()
         if resolved in self.inputs:
             raise ImageError(f"{item.path}: output {target} would overwrite an input; choose another -o or --suffix")
-        if resolved in self.planned:
+        if resolved in self.planned and self.planned[resolved] != item.path:
             raise ImageError(
                 f"{item.path}: output {target} is also the output of {self.planned[resolved]}; use --ext auto or another --suffix"
             )
         self.planned[resolved] = item.path
+
+
+def run_batch(items: list[InputFile], process: Process, config: BatchConfig, on_progress: OptionalCallback = None) -> Summary:
+    """Process every input in this process, resuming from the output folder's manifest unless overwrite."""
+    recorder = Recorder(config, len(items), on_progress)
+    worker = FileWorker(config, recorder.manifest.records, OutputClaims(items))
+    for item in items:
+        recorder(worker(item, process))
+    return recorder.summary
 
 
 def _recorded_source(path: Path) -> tuple[str, str] | None:

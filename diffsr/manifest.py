@@ -67,15 +67,6 @@ class Manifest:
             leftover.unlink(missing_ok=True)
         return cls(out_dir, records)
 
-    def finished(self, key: str, sha256: str, settings: str) -> Record | None:
-        """The done record of this exact input and settings whose output is still there, if any."""
-        record = self.records.get(key)
-        if record and record.state == "done" and record.sha256 == sha256 and record.settings == settings:
-            output = self.out_dir / record.output if record.output else None
-            if output and output.is_file() and output.stat().st_size == record.output_size:
-                return record
-        return None
-
     def add(self, record: Record) -> None:
         self.records[record.input] = record
         with self.path.open("a", encoding="utf-8") as handle:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from diffsr.batch import Summary, collect_inputs, run_batch
+from diffsr.batch import BatchConfig, Summary, collect_inputs, run_batch
 from diffsr.io.image import DEFAULT_MAX_PIXELS
 from diffsr.models.defaults import DefaultModelError
 from diffsr.models.loading import WeightsError
@@ -121,18 +121,8 @@ def run(args: argparse.Namespace) -> int:
         settings = pipeline.settings(**run_values)
         bars = _Bars(args.quiet)
         try:
-            batch = run_batch(
-                items,
-                lambda image: pipeline.upscale(image, on_progress=bars, **run_values),
-                args.output,
-                settings,
-                ext=args.ext,
-                suffix=args.suffix,
-                overwrite=args.overwrite,
-                max_pixels=args.max_pixels or None,
-                quality=args.quality,
-                on_progress=bars,
-            )
+            config = BatchConfig(args.output, settings, args.ext, args.suffix, args.overwrite, args.max_pixels or None, args.quality)
+            batch = run_batch(items, lambda image: pipeline.upscale(image, on_progress=bars, **run_values), config, bars)
         finally:
             bars.close()
         batch.failed[:0] = summary.failed
