@@ -144,6 +144,7 @@ class BatchConfig:
 
     out_dir: Path
     settings: dict[str, Any]
+    """The requested method and options; their digest decides whether an earlier output is still valid."""
     ext: str = "auto"
     suffix: str = "out"
     overwrite: bool = False
@@ -175,8 +176,16 @@ class FileWorker:
     would replace an input or another input's output before any pixel is computed.
     """
 
-    def __init__(self, config: BatchConfig, finished: dict[str, Record], claim: Callable[[InputFile, Path], None] | None = None):
+    def __init__(
+        self,
+        config: BatchConfig,
+        finished: dict[str, Record],
+        claim: Callable[[InputFile, Path], None] | None = None,
+        details: dict[str, Any] | None = None,
+    ):
         self.config, self.finished, self.claim = config, finished, claim
+        self.details = details or {}
+        """What the loaded pipeline resolved (dtype, architecture): written to metadata, not digested."""
         self.digest = config.digest
 
     def __call__(self, item: InputFile, process: Process) -> Outcome:
@@ -212,7 +221,7 @@ class FileWorker:
         result = process(image)
         target.parent.mkdir(parents=True, exist_ok=True)
         provenance = {"source": item.path.name, "source_sha256": sha, "settings_digest": self.digest}
-        write_image(target, result, settings={**config.settings, **provenance}, quality=config.quality)
+        write_image(target, result, settings={**config.settings, **self.details, **provenance}, quality=config.quality)
         record = Record(key, len(data), sha, self.digest, relative, "done", output_size=target.stat().st_size)
         return Outcome(item, "written", record, target, notes=tuple(notes))
 
@@ -271,10 +280,16 @@ class OutputClaims:
         self.planned[resolved] = item.path
 
 
-def run_batch(items: list[InputFile], process: Process, config: BatchConfig, on_progress: OptionalCallback = None) -> Summary:
+def run_batch(
+    items: list[InputFile],
+    process: Process,
+    config: BatchConfig,
+    on_progress: OptionalCallback = None,
+    details: dict[str, Any] | None = None,
+) -> Summary:
     """Process every input in this process, resuming from the output folder's manifest unless overwrite."""
     recorder = Recorder(config, len(items), on_progress)
-    worker = FileWorker(config, recorder.manifest.records, OutputClaims(items))
+    worker = FileWorker(config, recorder.manifest.records, OutputClaims(items), details)
     for item in items:
         recorder(worker(item, process))
     return recorder.summary
