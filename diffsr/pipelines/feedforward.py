@@ -170,20 +170,9 @@ class Upscaler:
 
     # ------------------------------------------------------------------------------------- API
 
-    def __call__(
-        self,
-        image: ImageInput,
-        outscale: float | None = None,
-        tile: int = 0,
-        tile_overlap: int | None = None,
-        pre_pad: int = 10,
-        alpha_upsampler: AlphaUpsampler = "model",
-        on_progress: OptionalCallback = None,
-    ) -> Any:
-        """Upscale one image; the result has the input's type (a path gives ImageData)."""
-        data = _as_image_data(image)
-        result = self.upscale(data, outscale, tile, tile_overlap, pre_pad, alpha_upsampler, on_progress)
-        return _like_input(image, result)
+    def __call__(self, image: ImageInput, **options: Any) -> Any:
+        """Upscale one image with `upscale`'s options; the result has the input's type (a path gives ImageData)."""
+        return _like_input(image, self.upscale(_as_image_data(image), **options))
 
     def upscale(
         self,
