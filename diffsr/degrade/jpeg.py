@@ -6,7 +6,8 @@ integer quality exactly as `jpeg_set_quality` does, dequantisation, inverse DCT,
 (triangle) chroma upsampling, and YCbCr -> RGB with libjpeg's rounding. The only differences from
 Pillow are float instead of libjpeg's fixed-point DCT and edge padding of sizes that are not
 multiples of 16; docs/degrade.md gives the measured gap. `differentiable=True` replaces every
-rounding by a straight-through estimate so gradients pass (as BasicSR's DiffJPEG allows).
+rounding by a straight-through estimate so gradients pass (as BasicSR's DiffJPEG allows); the
+forward result is the same.
 """
 
 from __future__ import annotations
@@ -88,10 +89,9 @@ def _downsample(chroma: torch.Tensor, differentiable: bool) -> torch.Tensor:
     """libjpeg's h2v2_downsample: (sum of 2x2 + bias) >> 2 with bias 1, 2, 1, 2, ... across columns."""
     n, h, w = chroma.shape
     total = chroma.reshape(n, h // 2, 2, w // 2, 2).sum(dim=(2, 4))
-    if differentiable:
-        return _round(total / 4.0, True)
     bias = torch.tensor([1.0, 2.0], device=chroma.device, dtype=chroma.dtype).repeat(w // 4 + 1)[: w // 2]
-    return torch.floor((total + bias) / 4.0)
+    exact = torch.floor((total + bias) / 4.0)
+    return total / 4.0 + (exact - total / 4.0).detach() if differentiable else exact
 
 
 def _upsample(chroma: torch.Tensor, differentiable: bool) -> torch.Tensor:
