@@ -1,6 +1,6 @@
 """Training and validation data: HR folders degraded on the fly, paired folders, fixed pair sets."""
 
-from diffsr.data.folders import HRFolderDataset, PairedFolderDataset, collate_pairs, degrade_batch, find_images
+from diffsr.data.folders import HRFolderDataset, PairedFolderDataset, collate_pairs, degrade_batch, find_images, worker_init
 from diffsr.data.pairs import PairSummary, make_pairs, make_validation_set
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "find_images",
     "make_pairs",
     "make_validation_set",
+    "worker_init",
 ]

@@ -140,6 +140,12 @@ class HRFolderDataset(Dataset):
         return item
 
 
+def worker_init(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: one torch thread per worker, as workers already run in parallel
+    (several threads per worker oversubscribe the CPU, which was 8x slower on a busy 2-core machine)."""
+    torch.set_num_threads(1)
+
+
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the tensors, keep prompts, records, seeds and paths as lists (they are not tensors)."""
     out: dict[str, Any] = {}

@@ -17,9 +17,10 @@ def gaussian_noise(image: torch.Tensor, sigma: float, grey: bool, generator: tor
 
 def _poisson(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Shot noise whose level count is the image's number of distinct 8-bit values, rounded up to 2^k."""
-    quantised = torch.clamp((image * 255.0).round(), 0, 255) / 255.0
-    levels = 2 ** torch.ceil(torch.log2(torch.tensor(float(torch.unique(quantised).numel()))))
-    levels = levels.to(image.device, image.dtype)
+    codes = torch.clamp((image * 255.0).round(), 0, 255)
+    quantised = codes / 255.0
+    distinct = torch.bincount(codes.to(torch.int64).flatten(), minlength=256).count_nonzero().item()
+    levels = float(2 ** max(0, (distinct - 1).bit_length()))  # distinct values rounded up to a power of two
     return torch.poisson(quantised * levels, generator=generator) / levels - quantised
 
 
