@@ -353,6 +353,8 @@ def test_sharpening_presets_sharpen_only_the_source():
 def test_bad_sizes_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="multiple of the scale"):
         Degrader("realesrgan", 4)(torch.rand(1, 3, 30, 32), seed=0)
+    with pytest.raises(ValueError, match="divide 8-bit images by 255"):
+        Degrader("realesrgan")(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), seed=0)
     with pytest.raises(ValueError, match="RGB batch"):
         Degrader("realesrgan")(torch.rand(3, 32, 32), seed=0)
 
@@ -380,3 +382,21 @@ def test_gpu_matches_cpu_parameters_and_is_deterministic():
     cpu = Degrader("realesrgan", device="cpu")(hr, seed=1)
     assert torch.equal(a.lr, b.lr) and a.lr.device.type == "cuda"
     assert [r.to_dict() for r in a.records] == [r.to_dict() for r in cpu.records]
+
+
+@pytest.mark.parametrize("preset", ["realesrgan", "osediff", "stablesr", "invsr"])
+def test_second_order_chains_have_one_jpeg_per_pass(preset):
+    degrader = Degrader(preset)
+    final_first = 0
+    for seed in range(100):
+        _, record, _ = degrader.plan(seed, (256, 256))
+        jpeg_passes = [s["pass"] for s in record.steps if s["stage"] == "jpeg"]
+        if record.clean:
+            continue
+        assert jpeg_passes == [1, "final"]
+        stages = [(s["stage"], s["pass"]) for s in record.steps]
+        assert stages[0] in (("blur", 1), ("resize", 1), ("noise", 1))
+        final = [i for i, s in enumerate(record.steps) if s["pass"] == "final"]
+        assert final == list(range(final[0], len(record.steps)))  # the final group closes the chain
+        final_first += record.steps[final[0]]["stage"] == "jpeg"
+    assert 25 < final_first < 75  # JPEG before [resize + sinc] half the time

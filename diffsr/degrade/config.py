@@ -40,7 +40,11 @@ class KernelSettings:
 
 @dataclass(frozen=True)
 class StageSettings:
-    """One pass of blur -> resize -> noise -> JPEG."""
+    """One pass of blur -> resize -> noise -> JPEG.
+
+    In Real-ESRGAN's second pass the JPEG is the final one (`FinalSettings`), so the presets set the
+    second pass's `jpeg_prob` to 0.
+    """
 
     blur_prob: float = 1.0
     kernel: KernelSettings = field(default_factory=KernelSettings)
@@ -161,6 +165,7 @@ _REALESRGAN = DegradationConfig(
         resize_range=(0.3, 1.2),
         noise_sigma=(1.0, 25.0),
         poisson_scale=(0.05, 2.5),
+        jpeg_prob=0.0,
     ),
     final=FinalSettings(),
     sharpen=True,
@@ -190,6 +195,7 @@ PRESETS: dict[str, DegradationConfig] = {
             resize_range=(0.6, 1.2),
             noise_sigma=(1.0, 12.0),
             poisson_scale=(0.05, 1.0),
+            jpeg_prob=0.0,
         ),
         final=FinalSettings(jpeg_quality=(60, 100)),
         sharpen=True,
@@ -206,8 +212,9 @@ PRESETS: dict[str, DegradationConfig] = {
             resize_range=(0.3, 1.2),
             noise_sigma=(1.0, 25.0),
             poisson_scale=(0.05, 2.5),
+            jpeg_prob=0.0,
         ),
-        final=FinalSettings(),
+        final=FinalSettings(sinc_sizes=_odd_sizes(3, 19)),
         second_prob=0.5,
     ),
     # PromptSR (research note promptsr.md, section 2.2): first-order blur -> resize -> noise -> JPEG ->

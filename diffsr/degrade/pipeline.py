@@ -217,6 +217,8 @@ class Degrader:
         and the index) or one seed per sample."""
         if hr.dim() != 4 or hr.shape[1] != 3:
             raise ValueError(f"expected an N x 3 x H x W RGB batch, got shape {tuple(hr.shape)}")
+        if not hr.is_floating_point():
+            raise ValueError(f"expected float pixels in [0, 1], got {hr.dtype}; divide 8-bit images by 255 first")
         n, _, h, w = hr.shape
         if h % self.scale or w % self.scale:
             raise ValueError(f"HR size {h}x{w} is not a multiple of the scale {self.scale}; crop it to a multiple first")
