@@ -115,6 +115,9 @@ def filter2d(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     mode = "reflect" if pad < h and pad < w else "replicate"
     padded = F.pad(images, (pad, pad, pad, pad), mode=mode)
     kernels = kernels.to(device=images.device, dtype=images.dtype)
+    # Far tails of narrow Gaussians become float32 denormals, which made the convolution 3x slower
+    # on x86; weights below 1e-38 change no output.
+    kernels = torch.where(kernels.abs() < torch.finfo(kernels.dtype).tiny, torch.zeros_like(kernels), kernels)
     if n * c < 16:
         shape = padded.shape[-2:]
         spectrum = torch.fft.rfft2(padded) * torch.fft.rfft2(kernels.flip(-1, -2), s=shape)[:, None]
