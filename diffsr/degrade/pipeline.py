@@ -130,7 +130,7 @@ class Degrader:
         lr_size = (h // self.scale, w // self.scale)
         sharpened = cfg.sharpen
         if rng.random() < cfg.no_degradation_prob:
-            step = self._resize_step("final", "bicubic", None, (h, w), lr_size)
+            step = self._resize_step("final", "bicubic", (h, w), lr_size)
             return [step], self._record(seed, hr_size, lr_size, [step], sharpened, clean=True), rng.getrandbits(63)
         shuffle = rng.random() < cfg.shuffle_prob
         size = (h, w)
@@ -153,8 +153,12 @@ class Degrader:
             kernel, params = draw_kernel(stage.kernel, rng)
             blur = _Step("blur", {"stage": "blur", "pass": index, **params}, kernel=kernel)
         direction = rng.choices(("up", "down", "keep"), weights=stage.resize_probs)[0]
-        factor = {"up": lambda: rng.uniform(1.0, stage.resize_range[1]), "down": lambda: rng.uniform(stage.resize_range[0], 1.0)}
-        factor = factor[direction]() if direction in factor else 1.0
+        if direction == "up":
+            factor = rng.uniform(1.0, stage.resize_range[1])
+        elif direction == "down":
+            factor = rng.uniform(stage.resize_range[0], 1.0)
+        else:
+            factor = 1.0
         mode = rng.choice(stage.resize_modes)
         if rng.random() < stage.noise_prob:
             grey_draw = rng.random()
@@ -176,10 +180,10 @@ class Degrader:
                     if direction == "keep":
                         continue
                     new = (max(1, int(size[0] * factor)), max(1, int(size[1] * factor)))
-                    resize = self._resize_step(index, mode, factor, size, new, direction=direction)
+                    resize = self._resize_step(index, mode, size, new, factor, by_factor=True, direction=direction)
                 else:
                     new = (max(1, int(lr_size[0] * factor)), max(1, int(lr_size[1] * factor)))
-                    resize = self._resize_step(index, mode, None, size, new, factor=factor)
+                    resize = self._resize_step(index, mode, size, new, factor)
                 steps.append(resize)
                 size = new
             else:
@@ -188,21 +192,24 @@ class Degrader:
                     steps.append(step)
         return steps, size
 
-    def _resize_step(self, index, mode, scale_factor, size_in, size_out, direction=None, factor=None) -> _Step:
+    def _resize_step(
+        self, index, mode: str, size_in, size_out, factor: float | None = None, by_factor: bool = False, direction: str | None = None
+    ) -> _Step:
+        """A resize to `size_out`; `by_factor` resizes with scale_factor=factor as Real-ESRGAN's first pass does
+        (PyTorch then maps coordinates with the factor, not with the size ratio)."""
         if direction is None:
             area_in, area_out = size_in[0] * size_in[1], size_out[0] * size_out[1]
             direction = "up" if area_out > area_in else "down" if area_out < area_in else "keep"
-        params = {"stage": "resize", "pass": index, "direction": direction, "mode": mode,
-                  "factor": scale_factor if factor is None else factor, "size": list(size_out)}
-        if params["factor"] is None:
-            params.pop("factor")
-        return _Step("resize", params, scale_factor=scale_factor, size=tuple(size_out))
+        params = {"stage": "resize", "pass": index, "direction": direction, "mode": mode, "size": list(size_out)}
+        if factor is not None:
+            params["factor"] = factor
+        return _Step("resize", params, scale_factor=factor if by_factor else None, size=tuple(size_out))
 
     def _plan_final(self, size: tuple[int, int], lr_size: tuple[int, int], rng: random.Random) -> list[_Step]:
         final = self.config.final
         jpeg_first = rng.random() < final.jpeg_first_prob
         mode = rng.choice(final.resize_modes)
-        resize = self._resize_step("final", mode, None, size, lr_size)
+        resize = self._resize_step("final", mode, size, lr_size)
         kernel, sinc = draw_final_sinc(final.sinc_sizes, final.sinc_prob, self.config.first.kernel.pad_to, rng)
         group = [resize] + ([_Step("sinc", {"stage": "blur", "pass": "final", **sinc}, kernel=kernel)] if sinc else [])
         if rng.random() < final.jpeg_prob:
