@@ -13,9 +13,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffsr.degrade import PRESETS, Degrader, DegradationConfig, KernelSettings, PromptBins, PromptPolicy, get_config
+from diffsr.degrade import (
+    PRESETS,
+    DegradationConfig,
+    Degrader,
+    KernelSettings,
+    PromptBins,
+    PromptPolicy,
+    get_config,
+)
 from diffsr.degrade.jpeg import LUMA_QUANT, jpeg_compress, quality_tables
-from diffsr.degrade.kernels import draw_kernel, filter2d, gaussian_family_kernel, sinc_kernel, usm_sharpen
+from diffsr.degrade.kernels import (
+    draw_kernel,
+    filter2d,
+    gaussian_family_kernel,
+    sinc_kernel,
+    usm_sharpen,
+)
 from diffsr.degrade.noise import add_noise
 from diffsr.degrade.prompts import Bins, normalize_prompt, phrases
 
@@ -104,7 +118,7 @@ def test_usm_sharpens_edges_and_leaves_flat_areas():
     image[..., 32:] = 0.8
     blurred = filter2d(image, gaussian_family_kernel("iso", 11, 2.0, 2.0, 0.0)[None])
     sharp = usm_sharpen(blurred)
-    edge = lambda t: (t[..., 1:] - t[..., :-1]).abs().max().item()  # noqa: E731
+    edge = lambda t: (t[..., 1:] - t[..., :-1]).abs().max().item()
     assert edge(sharp) > edge(blurred) * 1.2
     assert torch.allclose(sharp[..., :, :8], blurred[..., :, :8], atol=1e-6)
 

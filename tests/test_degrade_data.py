@@ -9,15 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_path
 from PIL import Image
+from test_degrade import photo_like, pillow_jpeg, psnr
 from torch.utils.data import DataLoader
 
-from conftest import shared_path
 from diffsr.cli.main import main
-from diffsr.data import HRFolderDataset, PairedFolderDataset, collate_pairs, degrade_batch, make_validation_set
+from diffsr.data import (
+    HRFolderDataset,
+    PairedFolderDataset,
+    collate_pairs,
+    degrade_batch,
+    make_validation_set,
+)
 from diffsr.degrade import Degrader, PromptPolicy
 from diffsr.degrade.jpeg import jpeg_compress
-from test_degrade import photo_like, pillow_jpeg, psnr
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:
@@ -75,7 +81,7 @@ def test_prompt_policy_in_the_dataset_drops_phrases(hr_folder):
 def test_unreadable_training_images_are_skipped_with_a_warning(hr_folder):
     (hr_folder / "broken.png").write_bytes(b"not a png")
     data = HRFolderDataset(hr_folder, crop_size=32, scale=4, degradation=None)
-    broken = [i for i, p in enumerate(data.files) if p.name == "broken.png"][0]
+    broken = next(i for i, p in enumerate(data.files) if p.name == "broken.png")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         item = data[broken]

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import random
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,12 @@ from torch.utils.data import Dataset
 from diffsr.degrade.config import DegradationConfig
 from diffsr.degrade.pipeline import Degrader, sample_seed
 from diffsr.degrade.prompts import PromptBins, PromptPolicy
-from diffsr.io.image import DEFAULT_MAX_PIXELS, READABLE_SUFFIXES, ImageError, read_image
+from diffsr.io.image import (
+    DEFAULT_MAX_PIXELS,
+    READABLE_SUFFIXES,
+    ImageError,
+    read_image,
+)
 
 _MAX_RETRIES = 10
 

@@ -19,7 +19,13 @@ import torch
 from diffsr.batch import InputFile, collect_inputs
 from diffsr.degrade.pipeline import Degrader, sample_seed
 from diffsr.io.atomic import atomic_write_bytes
-from diffsr.io.image import DEFAULT_MAX_PIXELS, ImageData, ImageError, read_image, write_image
+from diffsr.io.image import (
+    DEFAULT_MAX_PIXELS,
+    ImageData,
+    ImageError,
+    read_image,
+    write_image,
+)
 from diffsr.progress import OptionalCallback, report
 
 RECORDS_NAME = "degradations.jsonl"

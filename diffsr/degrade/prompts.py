@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 STAGE_NAMES = ("blur", "resize", "noise", "compression", "final")
 """Stage names for short prompts: "final" is the last resize to the LR size."""
