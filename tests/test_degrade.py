@@ -414,3 +414,25 @@ def test_second_order_chains_have_one_jpeg_per_pass(preset):
         assert final == list(range(final[0], len(record.steps)))  # the final group closes the chain
         final_first += record.steps[final[0]]["stage"] == "jpeg"
     assert 25 < final_first < 75  # JPEG before [resize + sinc] half the time
+
+
+def test_resizes_compose_as_real_esrgan():
+    """Pass 1 resizes by scale_factor (as Real-ESRGAN), the final resize goes to exactly HR/scale."""
+    from diffsr.degrade import FinalSettings, StageSettings
+
+    only_resize = DegradationConfig(
+        name="resize-only",
+        first=StageSettings(blur_prob=0.0, resize_probs=(0.0, 1.0, 0.0), resize_modes=("bilinear",), noise_prob=0.0, jpeg_prob=0.0),
+        second=None,
+        final=FinalSettings(resize_modes=("area",), sinc_prob=0.0, jpeg_prob=0.0),
+    ).validate()
+    hr = to_batch([photo_like(64, 96)])
+    result = Degrader(only_resize, 4)(hr, seed=[21])
+    steps = result.records[0].steps
+    assert [(s["stage"], s["pass"]) for s in steps] == [("resize", 1), ("resize", "final")]
+    factor = steps[0]["factor"]
+    middle = F.interpolate(hr, scale_factor=factor, mode="bilinear")
+    assert list(middle.shape[-2:]) == steps[0]["size"]
+    expected = torch.clamp((F.interpolate(middle, size=(16, 24), mode="area") * 255).round(), 0, 255) / 255
+    assert torch.equal(result.lr, expected)
+    assert result.prompts == ["downsample, downsample"]
