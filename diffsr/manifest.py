@@ -33,6 +33,8 @@ class Record:
     reason: str | None = None
     output_size: int = -1
     """Bytes of the output as written: a changed or truncated output is redone."""
+    extra: dict | None = None
+    """What else a command keeps per input (e.g. `diffsr degrade`'s prompt and drawn parameters)."""
 
 
 def content_hash(data: bytes) -> str:

@@ -146,8 +146,15 @@ def test_degrade_command_writes_matching_pairs_and_records(hr_folder, tmp_path, 
     item = paired[0]
     assert item["prompt"] == lines[0]["prompt"] and item["hr"].shape[1] == 2 * item["lr"].shape[1]
 
-    assert main(["degrade", str(hr_folder), "-o", str(out), "-q"]) == 1
-    assert "already holds a pair set" in capsys.readouterr().err
+    args = ["degrade", str(hr_folder), "-o", str(out), "--scale", "2", "--preset", "promptsr", "--recursive", "-q"]
+    before = {e["name"]: (out / e["lr"]).stat().st_mtime_ns for e in lines}
+    (out / "LR" / "img1.png").unlink()  # as if a kill had come before this pair was written
+    assert main(args) == 1
+    resumed = capsys.readouterr().out
+    assert "written 1 pairs" in resumed and "skipped 3 finished before" in resumed
+    assert (out / "LR" / "img0.png").stat().st_mtime_ns == before["img0.png"]  # finished pairs are not redone
+    again = [json.loads(line) for line in (out / "degradations.jsonl").read_text().splitlines()]
+    assert again == lines  # the same pairs, prompts and parameters as the uninterrupted run
 
 
 def test_pair_sets_are_reproducible_and_per_file(hr_folder, tmp_path):

@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction, argv: list[str]) -> None:
     parser.add_argument("inputs", nargs="+", metavar="HR", help="HR image files, folders or glob patterns")
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("--recursive", action="store_true", help="include images in sub-folders of input folders")
-    parser.add_argument("--overwrite", action="store_true", help="replace a pair set already in the output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo every pair (default: resume, skipping pairs an earlier run finished)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="refuse inputs larger than this many pixels; 0 = no limit (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -79,9 +80,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"diffsr: {exc}", file=sys.stderr)
         return 2
     out: Path = args.output
-    if (out / RECORDS_NAME).exists() and not args.overwrite:
-        print(f"diffsr: {out} already holds a pair set ({RECORDS_NAME}); pass --overwrite or choose another -o", file=sys.stderr)
-        return 1
     items, problems = collect_inputs(args.inputs, recursive=args.recursive)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -93,14 +91,15 @@ def run(args: argparse.Namespace) -> int:
     bar = _Bar(args.quiet)
     try:
         summary = make_pairs(items, out, degrader, seed=values["seed"], crop=values["crop"], batch_size=values["batch_size"],
-                             max_pixels=args.max_pixels or None, on_progress=bar)
+                             max_pixels=args.max_pixels or None, on_progress=bar, overwrite=args.overwrite)
     except OSError as exc:
         print(f"diffsr: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     finally:
         bar.close()
     failed = [reason for _, reason in problems] + summary.failed
-    print(f"written {len(summary.written)} pairs to {out} (LR/, HR/, {RECORDS_NAME}, {CONFIG_NAME}), failed {len(failed)}")
+    print(f"written {len(summary.written)} pairs to {out} (LR/, HR/, {RECORDS_NAME}, {CONFIG_NAME}), "
+          f"skipped {len(summary.skipped)} finished before, failed {len(failed)}")
     for note in summary.notes:
         print(f"  note: {note}")
     for reason in failed:

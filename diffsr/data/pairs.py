@@ -23,9 +23,11 @@ from diffsr.io.image import (
     DEFAULT_MAX_PIXELS,
     ImageData,
     ImageError,
-    read_image,
+    decode_image,
+    read_file,
     write_image,
 )
+from diffsr.manifest import Manifest, Record, content_hash, settings_digest
 from diffsr.progress import OptionalCallback, report
 
 RECORDS_NAME = "degradations.jsonl"
@@ -35,6 +37,8 @@ CONFIG_NAME = "degradation.json"
 @dataclass
 class PairSummary:
     written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    """Pairs finished by an earlier run of the same settings on unchanged inputs."""
     failed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -50,6 +54,8 @@ class _Pending:
     hr: np.ndarray
     image: ImageData
     seed: int
+    sha256: str
+    size: int
 
 
 def _prepare(pixels: np.ndarray, scale: int, crop: int | None, path: Path) -> np.ndarray:
@@ -73,13 +79,22 @@ def make_pairs(
     batch_size: int = 16,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     on_progress: OptionalCallback = None,
+    overwrite: bool = False,
 ) -> PairSummary:
-    """Degrade each input once with its own seed and write the pair set; bad files are reported, not fatal."""
+    """Degrade each input once with its own seed and write the pair set; bad files are reported, not fatal.
+
+    Resumable: each finished pair is recorded in the output folder's manifest (with its prompt and
+    parameters), so a rerun after a kill skips finished pairs of unchanged inputs and redoes the rest;
+    `overwrite` starts afresh. The JSONL of all pairs is rebuilt from the manifest at the end.
+    """
     if crop is not None and crop % degrader.scale:
         raise ValueError(f"--crop {crop} is not a multiple of the scale {degrader.scale}")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     summary = PairSummary()
-    entries: list[dict] = []
+    settings = {"config": degrader.config.to_dict(), "bins": degrader.bins.to_dict(), "scale": degrader.scale, "seed": seed, "crop": crop}
+    digest = settings_digest(settings)
+    manifest = Manifest.open(out_dir, fresh=overwrite)
     pending: list[_Pending] = []
     names: dict[Path, Path] = {}
     done = 0
@@ -96,15 +111,17 @@ def make_pairs(
             for index, p in enumerate(group):
                 try:
                     _write_pair(p, result.lr[index], out_dir, degrader, seed)
-                    record = result.records[index]
-                    entries.append({
+                    entry = {
                         "name": p.name.as_posix(),
                         "lr": f"LR/{p.name.as_posix()}",
                         "hr": f"HR/{p.name.as_posix()}",
                         "source": str(p.item.path),
                         "prompt": result.prompts[index],
-                        "record": record.to_dict(),
-                    })
+                        "record": result.records[index].to_dict(),
+                    }
+                    lr_size = (out_dir / entry["lr"]).stat().st_size
+                    key = str(p.item.path.resolve())
+                    manifest.add(Record(key, p.size, p.sha256, digest, entry["lr"], "done", output_size=lr_size, extra=entry))
                     summary.written.append(p.name.as_posix())
                 except OSError as exc:
                     summary.failed.append(f"{p.item.path}: cannot write its pair ({exc.strerror or exc}); check the output folder")
@@ -117,7 +134,15 @@ def make_pairs(
         try:
             if name in names:
                 raise ImageError(f"{item.path}: its output name {name} is also that of {names[name]}; rename one of them")
-            image = read_image(item.path, max_pixels=max_pixels)
+            data = read_file(item.path)
+            sha = content_hash(data)
+            if _finished(manifest.records.get(str(item.path.resolve())), sha, digest, out_dir):
+                names[name] = item.path
+                summary.skipped.append(name.as_posix())
+                done += 1
+                report(on_progress, "files", done, len(inputs), str(item.path))
+                continue
+            image = decode_image(data, name=str(item.path), max_pixels=max_pixels)
             pixels = np.repeat(image.pixels, 3, axis=2) if image.is_grey else image.pixels
             hr = _prepare(pixels, degrader.scale, crop, item.path)
         except ImageError as exc:
@@ -128,17 +153,27 @@ def make_pairs(
         names[name] = item.path
         if image.alpha is not None:
             summary.notes.append(f"{item.path}: transparency dropped (degradations are RGB)")
-        pending.append(_Pending(item, name, hr, image, sample_seed(seed, name.as_posix())))
+        pending.append(_Pending(item, name, hr, image, sample_seed(seed, name.as_posix()), sha, len(data)))
         if len(pending) >= batch_size:
             flush()
     flush()
 
-    entries.sort(key=lambda e: e["name"])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {str(item.path.resolve()) for item in inputs}
+    entries = sorted(
+        (r.extra for key, r in manifest.records.items() if key in wanted and r.state == "done" and r.settings == digest and r.extra),
+        key=lambda e: e["name"],
+    )
     atomic_write_bytes(out_dir / RECORDS_NAME, "".join(json.dumps(e) + "\n" for e in entries).encode())
-    settings = {"config": degrader.config.to_dict(), "bins": degrader.bins.to_dict(), "scale": degrader.scale, "seed": seed, "crop": crop}
     atomic_write_bytes(out_dir / CONFIG_NAME, json.dumps(settings, indent=1).encode())
     return summary
+
+
+def _finished(record: Record | None, sha256: str, digest: str, out_dir: Path) -> bool:
+    """A pair recorded as done for these bytes and settings, with both of its files still complete."""
+    if not record or record.state != "done" or record.sha256 != sha256 or record.settings != digest or not record.extra:
+        return False
+    lr, hr = out_dir / record.extra["lr"], out_dir / record.extra["hr"]
+    return lr.is_file() and lr.stat().st_size == record.output_size and hr.is_file()
 
 
 def _write_pair(p: _Pending, lr: torch.Tensor, out_dir: Path, degrader: Degrader, seed: int) -> None:
