@@ -74,6 +74,35 @@ def _expected_target(item: InputFile, config: BatchConfig) -> Path:
     return config.out_dir / item.relative.parent / f"{stem}.{ext}"
 
 
+def _start(address: str | None):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # diffsr's own bar follows the recorded outcomes
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return ray
+
+
+def _stream(items: list[InputFile], actor: type, kwargs: dict, workers: int, gpus: float, batch_size: int, address: str | None):
+    """Yield (item, encoded outcome) as the actors finish them."""
+    ray = _start(address)
+    by_path = {str(item.path): item for item in items}
+    cpus = max(1.0, (os.cpu_count() or 1) / max(workers, 1)) if not gpus else 1.0
+    dataset = ray.data.from_items([{"path": str(i.path), "relative": str(i.relative)} for i in items])
+    results = dataset.map_batches(
+        actor,
+        fn_constructor_kwargs={**kwargs, "threads": int(cpus)},
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cpus,
+        num_gpus=gpus or None,
+    )
+    for row in results.iter_rows():
+        yield by_path[row["path"]], row["outcome"]
+
+
 def run_batch_ray(
     items: list[InputFile],
     method: str,
@@ -86,13 +115,6 @@ def run_batch_ray(
     batch_size: int = 1,
     on_progress: OptionalCallback = None,
 ) -> Summary:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # diffsr's own bar follows the recorded outcomes
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     recorder = Recorder(config, len(items), on_progress)
     claims = OutputClaims(items)
     todo = []
@@ -102,26 +124,54 @@ def run_batch_ray(
             todo.append(item)
         except ImageError as exc:
             recorder(FileWorker(config, {})._failed(item, str(exc)))
-    if not todo:
-        return recorder.summary
-    by_path = {str(item.path): item for item in todo}
-    cpus = max(1.0, (os.cpu_count() or 1) / max(workers, 1)) if not num_gpus_per_worker else 1.0
-    dataset = ray.data.from_items([{"path": str(i.path), "relative": str(i.relative)} for i in todo])
-    results = dataset.map_batches(
-        _MethodActor,
-        fn_constructor_kwargs={
-            "method": method,
-            "load_values": load_values,
-            "run_values": run_values,
-            "config": config,
-            "finished": recorder.manifest.records,
-            "threads": int(cpus),
-        },
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=cpus,
-        num_gpus=num_gpus_per_worker or None,
-    )
-    for row in results.iter_rows():
-        recorder(_decode(by_path[row["path"]], row["outcome"]))
+    kwargs = {"method": method, "load_values": load_values, "run_values": run_values, "config": config,
+              "finished": recorder.manifest.records}
+    for item, text in _stream(todo, _MethodActor, kwargs, workers, num_gpus_per_worker, batch_size, address) if todo else ():
+        recorder(_decode(item, text))
     return recorder.summary
+
+
+class _DegradeActor:
+    """A Ray actor that degrades its share of the inputs with its own Degrader."""
+
+    def __init__(self, out_dir: Path, config: Any, scale: int, seed: int, crop: int | None, group: int,
+                 max_pixels: int | None, finished: dict, threads: int):
+        import torch
+
+        from diffsr.data.pairs import PairWorker
+        from diffsr.degrade.pipeline import Degrader
+
+        torch.set_num_threads(max(1, threads))
+        self.worker = PairWorker(out_dir, Degrader(config, scale), seed, crop, group, max_pixels, finished)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        items = [InputFile(Path(p), Path(r)) for p, r in zip(batch["path"], batch["relative"])]
+        rows: dict[str, list] = {"path": [], "outcome": []}
+        for outcome in self.worker(items):
+            rows["path"].append(str(outcome.item.path))
+            rows["outcome"].append(json.dumps({
+                "state": outcome.state,
+                "record": asdict(outcome.record) if outcome.record else None,
+                "reason": outcome.reason,
+                "note": outcome.note,
+            }))
+        return rows
+
+
+def ray_pair_runner(out_dir: Path, degrader: Any, seed: int, crop: int | None, batch_size: int, max_pixels: int | None,
+                    address: str | None = None, workers: int = 1, num_gpus_per_worker: float = 0.0):
+    """A `make_pairs` runner that spreads the inputs over Ray actors, `batch_size` images per Ray batch.
+
+    Every image's seed comes from its relative path, so a pair does not depend on which worker made it.
+    """
+    from diffsr.data.pairs import PairOutcome
+
+    def run(todo: list[InputFile], finished: dict):
+        kwargs = {"out_dir": Path(out_dir), "config": degrader.config, "scale": degrader.scale, "seed": seed, "crop": crop,
+                  "group": batch_size, "max_pixels": max_pixels, "finished": finished}
+        for item, text in _stream(todo, _DegradeActor, kwargs, workers, num_gpus_per_worker, batch_size, address) if todo else ():
+            data = json.loads(text)
+            record = Record(**data["record"]) if data["record"] else None
+            yield PairOutcome(item, data["state"], record, data["reason"], data["note"])
+
+    return run

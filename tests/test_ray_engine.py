@@ -51,3 +51,22 @@ def test_ray_batch_matches_the_local_engine(tmp_path, local_ray, capsys):
     assert main([*common, "-o", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2"]) == 1
     assert "written 0, skipped 6" in capsys.readouterr().out
     assert (tmp_path / "ray" / "p0_out.png").stat().st_mtime_ns == first
+
+
+def test_ray_degrade_gives_the_local_pairs(tmp_path, local_ray, capsys):
+    src = tmp_path / "hr"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(gradient_image(64, 64, seed=i)).save(src / f"h{i}.png")
+    (src / "bad.png").write_text("no")
+    common = ["degrade", str(src), "--scale", "4", "--preset", "realesrgan", "--seed", "7", "-q"]
+    assert main([*common, "-o", str(tmp_path / "local")]) == 1
+    assert main([*common, "-o", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2", "--ray-batch-size", "2"]) == 1
+    assert "bad.png" in capsys.readouterr().err
+    local = (tmp_path / "local" / "degradations.jsonl").read_text().splitlines()
+    remote = (tmp_path / "ray" / "degradations.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in remote] == [json.loads(x) for x in local] and len(local) == 5  # same prompts, parameters
+    for i in range(5):
+        a = np.asarray(Image.open(tmp_path / "local" / "LR" / f"h{i}.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "ray" / "LR" / f"h{i}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from diffsr.batch import collect_inputs
+from diffsr.cli.engine import add_engine_arguments
 from diffsr.data.pairs import CONFIG_NAME, RECORDS_NAME, make_pairs
 from diffsr.degrade.config import PRESETS, get_config
 from diffsr.degrade.pipeline import Degrader
@@ -44,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction, argv: list[str]) -> None:
                         help="refuse inputs larger than this many pixels; 0 = no limit (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     OPTIONS.add_arguments(parser)
+    add_engine_arguments(parser, "--ray-batch-size", "images per Ray batch (default: --batch-size)")
     parser.set_defaults(func=run)
 
 
@@ -90,8 +92,14 @@ def run(args: argparse.Namespace) -> int:
     items = [item for item in items if out_resolved not in item.path.resolve().parents]  # never re-read our own outputs
     bar = _Bar(args.quiet)
     try:
+        runner = None
+        if args.engine == "ray":
+            from diffsr.ray_engine import ray_pair_runner
+
+            runner = ray_pair_runner(out, degrader, values["seed"], values["crop"], args.ray_batch_size or values["batch_size"],
+                                     args.max_pixels or None, args.address, args.workers, args.num_gpus_per_worker)
         summary = make_pairs(items, out, degrader, seed=values["seed"], crop=values["crop"], batch_size=values["batch_size"],
-                             max_pixels=args.max_pixels or None, on_progress=bar, overwrite=args.overwrite)
+                             max_pixels=args.max_pixels or None, on_progress=bar, overwrite=args.overwrite, runner=runner)
     except OSError as exc:
         print(f"diffsr: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
         return 1

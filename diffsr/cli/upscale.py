@@ -9,6 +9,7 @@ from pathlib import Path
 
 from diffsr import __version__
 from diffsr.batch import BatchConfig, Summary, collect_inputs, run_batch
+from diffsr.cli.engine import add_engine_arguments
 from diffsr.io.image import DEFAULT_MAX_PIXELS
 from diffsr.models.defaults import DefaultModelError
 from diffsr.models.loading import WeightsError
@@ -45,12 +46,7 @@ def register(subparsers: argparse._SubParsersAction, argv: list[str]) -> None:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="refuse inputs larger than this many pixels, a decompression-bomb guard; 0 = no limit (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    engine = parser.add_argument_group("scale-out")
-    engine.add_argument("--engine", choices=("local", "ray"), default="local", help="run here, or on Ray Data (default: %(default)s)")
-    engine.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
-    engine.add_argument("--workers", type=int, default=1, help="Ray actors, each with its own loaded model (default: %(default)s)")
-    engine.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor (default: %(default)s)")
-    engine.add_argument("--batch-size", type=int, default=1, help="images per Ray batch (default: %(default)s)")
+    add_engine_arguments(parser, "--batch-size", "images per Ray batch (default: 1)")
     name = _method_in(argv)
     method = get_method(name if name in METHOD_MODULES else DEFAULT_METHOD)  # argparse reports a bad name
     group = parser.add_argument_group(f"options of --method {method.name}")
@@ -142,7 +138,7 @@ def _run_engine(args, method, items, load_values, run_values, config: BatchConfi
         from diffsr.ray_engine import run_batch_ray
 
         return run_batch_ray(items, method.name, load_values, run_values, config, args.address, args.workers,
-                             args.num_gpus_per_worker, args.batch_size, bars)
+                             args.num_gpus_per_worker, args.ray_batch_size or 1, bars)
     pipeline = method.load(**load_values)
     process = lambda image: pipeline.upscale(image, on_progress=bars, **run_values)  # noqa: E731
     return run_batch(items, process, config, bars, details=pipeline.settings(**run_values))
