@@ -15,9 +15,9 @@ import warnings
 from functools import lru_cache
 from importlib import resources
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffsr.metrics.colour import luma_yiq, to_8bit_levels
 from diffsr.metrics.full_reference import gaussian_window
@@ -53,18 +53,17 @@ def niqe(pixels: np.ndarray, crop_border: int = 0) -> float:
     if min(array.shape[:2]) < BLOCK:
         raise ValueError(f"NIQE needs at least {BLOCK}x{BLOCK} pixels, got {array.shape[1]}x{array.shape[0]}")
     luma = luma_yiq(array) if array.shape[2] == 3 else array[:, :, 0]
-    image = torch.from_numpy(to_8bit_levels(luma))[None, None]  # 1 x 1 x H x W on the 0..255 scale
-    rows, cols = (image.shape[2] // BLOCK) * BLOCK, (image.shape[3] // BLOCK) * BLOCK
-    image = image[:, :, :rows, :cols]
+    image = to_8bit_levels(luma)  # H x W float64 on the 0..255 scale
+    image = image[: (image.shape[0] // BLOCK) * BLOCK, : (image.shape[1] // BLOCK) * BLOCK]
 
     features = []
     for scale in (1, 2):
         block = BLOCK // scale
-        normalised = _normalise_contrast(image)[0, 0].numpy()
+        normalised = _normalise_contrast(image)
         grid = normalised.reshape(normalised.shape[0] // block, block, normalised.shape[1] // block, block)
         features.append(_block_features(grid.transpose(0, 2, 1, 3).reshape(-1, block, block)))
         if scale == 1:
-            image = matlab_imresize_half(image / 255.0) * 255.0
+            image = matlab_imresize_half(torch.from_numpy(image / 255.0)[None, None])[0, 0].numpy() * 255.0
     feats = np.concatenate(features, axis=1)  # blocks x 36
 
     # As MATLAB's nanmean and nancov: the mean skips NaN entries feature by feature, the covariance
@@ -81,13 +80,12 @@ def niqe(pixels: np.ndarray, crop_border: int = 0) -> float:
     return float(np.sqrt(diff @ inverse @ diff))
 
 
-def _normalise_contrast(image: torch.Tensor) -> torch.Tensor:
-    """Mean-subtracted, contrast-normalised coefficients (MSCN) of an N x 1 x H x W image."""
-    window = torch.from_numpy(gaussian_window(7, 7.0 / 6.0))[None, None]
-    padded = F.pad(image, (3, 3, 3, 3), mode="replicate")
-    padded_sq = F.pad(image * image, (3, 3, 3, 3), mode="replicate")
-    mu = F.conv2d(padded, window)
-    sigma = torch.sqrt((F.conv2d(padded_sq, window) - mu * mu).abs() + np.finfo(np.float64).eps)
+def _normalise_contrast(image: np.ndarray) -> np.ndarray:
+    """Mean-subtracted, contrast-normalised coefficients (MSCN) of an H x W float64 image."""
+    window = gaussian_window(7, 7.0 / 6.0)
+    mu = cv2.filter2D(image, cv2.CV_64F, window, borderType=cv2.BORDER_REPLICATE)
+    second = cv2.filter2D(image * image, cv2.CV_64F, window, borderType=cv2.BORDER_REPLICATE)
+    sigma = np.sqrt(np.abs(second - mu * mu) + np.finfo(np.float64).eps)
     return (image - mu) / (sigma + 1.0)
 
 

@@ -1,0 +1,34 @@
+"""diffsr's PSNR, SSIM and NIQE against pyiqa's published values for OSEDiff's DRealSR outputs."""
+
+from __future__ import annotations
+
+import csv
+
+from conftest import shared_path
+
+from diffsr.io import read_image
+from diffsr.metrics import niqe, psnr, ssim
+
+TOLERANCE = {"psnr": 0.01, "ssim": 0.001, "niqe": 0.02}
+
+
+def test_every_osediff_image_matches_pyiqa():
+    root = shared_path("data", "bench", "drealsr_x4")
+    with open(root / "osediff_pyiqa_metrics.csv", newline="") as handle:
+        reference = list(csv.DictReader(handle))
+    assert len(reference) == 93
+    off = []
+    for row in reference:
+        result = read_image(root / "osediff" / row["image"]).pixels
+        truth = read_image(root / "HR" / row["image"]).pixels
+        ours = {
+            "psnr": psnr(result, truth, y_channel=True),
+            "ssim": ssim(result, truth, y_channel=True),
+            "niqe": niqe(result),
+        }
+        off += [
+            f"{row['image']} {name}: {value:.6f} vs pyiqa {float(row[name]):.6f}"
+            for name, value in ours.items()
+            if abs(value - float(row[name])) > TOLERANCE[name]
+        ]
+    assert not off, "\n".join(off)
