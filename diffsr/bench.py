@@ -27,7 +27,7 @@ import torch
 
 from diffsr import __version__
 from diffsr.io import ImageData, read_image, write_image
-from diffsr.metrics.evaluate import Evaluation, ImagePair, Scorer, list_images, pair_folders, quantise_like_file
+from diffsr.metrics.evaluate import Evaluation, ImagePair, Scorer, pair_folders, quantise_like_file
 from diffsr.models.defaults import DEFAULT_MODELS
 from diffsr.options import OptionError
 from diffsr.progress import OptionalCallback, report
@@ -78,13 +78,13 @@ class BicubicBaseline:
         self.scale = scale
         self.device = torch.device("cpu")
 
-    def upscale(self, image: ImageData, target: tuple[int, int] | None = None) -> ImageData:
+    def upscale(self, image: ImageData, on_progress: OptionalCallback = None, target: tuple[int, int] | None = None) -> ImageData:
         size = target or (round(image.height * self.scale), round(image.width * self.scale))
         alpha = None if image.alpha is None else resize_array(image.alpha[:, :, None], size, "bicubic")[:, :, 0]
         return image.with_pixels(np.clip(resize_array(image.pixels, size, "bicubic"), 0, 1), alpha)
 
     def settings(self) -> dict[str, Any]:
-        return {"diffsr": __version__, "method": BASELINE, "scale": self.scale}
+        return {"diffsr": __version__, "method": BASELINE, "filter": "Pillow bicubic", "scale": self.scale}
 
 
 @dataclass(frozen=True)
@@ -197,20 +197,17 @@ def run_method(
         run.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return run
     run.load_seconds = time.perf_counter() - started
-    device = getattr(pipeline, "device", torch.device("cpu"))
-    run.device = str(device)
-    run.settings = pipeline.settings(**run_values) if spec.method != BASELINE else pipeline.settings()
+    run.device = str(getattr(pipeline, "device", "unknown"))
+    run.settings = pipeline.settings(**run_values)
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     def upscale(image: ImageData, target: tuple[int, int] | None) -> tuple[ImageData, float]:
+        options = {"target": target} if spec.method == BASELINE else run_values
         tick = time.perf_counter()
-        if spec.method == BASELINE:
-            out = pipeline.upscale(image, target)
-        else:
-            out = pipeline.upscale(image, on_progress=on_progress, **run_values)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        out = pipeline.upscale(image, on_progress=on_progress, **options)
+        if cuda:
+            torch.cuda.synchronize()  # queued GPU work belongs to this image
         return out, time.perf_counter() - tick
 
     if warmup:  # first calls pay for kernel selection and caches; they would distort seconds per image
@@ -237,8 +234,8 @@ def run_method(
         report(on_progress, "files", done + 1, len(dataset.pairs), pair.name)
 
     run.peak_rss_bytes, run.peak_rss_scope = _peak_rss(), "method" if scoped else "process"
-    if cuda and device.type == "cuda":
-        run.peak_cuda_bytes = torch.cuda.max_memory_allocated(device)
+    if cuda and torch.cuda.max_memory_allocated() > 0:
+        run.peak_cuda_bytes = torch.cuda.max_memory_allocated()
     return run
 
 
