@@ -94,6 +94,10 @@ def test_eval_names_a_missing_pyiqa(tmp_path: Path, dataset: Path, capsys, monke
     assert main(["eval", "--pred", str(dataset / "HR"), "--gt", str(dataset / "HR"), "-o", str(tmp_path / "r"),
                  "--metrics", "psnr,lpips"]) == 2
     assert "pyiqa is not installed; pip install pyiqa" in capsys.readouterr().err
+    assert main(["eval", "--pred", str(dataset / "HR"), "--gt", str(dataset / "HR"), "-o", str(tmp_path / "r"),
+                 "--metrics", "fid", "-q"]) == 2
+    assert "pyiqa is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything was scored or written
 
 
 def test_pairing_by_stem_handles_suffixes_and_duplicates(tmp_path: Path):

@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         names = parse_metric_names(args.metrics or default_metric_names(args.gt is not None), args.gt is not None)
         scorer = Scorer(names, args.y_channel, args.crop_border, args.device)
+        if any(not METRICS[n].per_image for n in names):  # FID runs last: find a missing pyiqa now
+            from diffsr.metrics.pyiqa_backend import import_pyiqa
+
+            import_pyiqa()
     except (MetricError, ValueError) as exc:
         print(f"diffsr: {exc}", file=sys.stderr)
         return 2

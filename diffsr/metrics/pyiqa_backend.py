@@ -27,7 +27,8 @@ def weights_folders() -> list[Path]:
     return [hub / "pyiqa", hub / "checkpoints"]
 
 
-def _import_pyiqa():
+def import_pyiqa():
+    """pyiqa itself, or a MetricError saying how to install it."""
     try:
         import pyiqa
     except ImportError:
@@ -60,7 +61,7 @@ class PyiqaMetric:
 
 
 def load_pyiqa_metric(name: str, device: str = "cpu") -> PyiqaMetric:
-    pyiqa = _import_pyiqa()
+    pyiqa = import_pyiqa()
     torch_device = resolve_device(device)
     try:
         with _no_long_downloads():
@@ -72,7 +73,7 @@ def load_pyiqa_metric(name: str, device: str = "cpu") -> PyiqaMetric:
 
 def fid_between_folders(pred_dir: Path, gt_dir: Path, device: str = "cpu") -> float:
     """FID between two folders of images (pyiqa's clean-FID, Inception features)."""
-    pyiqa = _import_pyiqa()
+    pyiqa = import_pyiqa()
     torch_device = resolve_device(device)
     try:
         with _no_long_downloads():
