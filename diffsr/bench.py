@@ -145,6 +145,11 @@ class MethodRun:
     def seconds_per_image(self) -> float:
         return float(np.mean(list(self.seconds.values()))) if self.seconds else float("nan")
 
+    @property
+    def median_seconds(self) -> float:
+        """Less swayed than the mean by other programs competing for the CPU."""
+        return float(np.median(list(self.seconds.values()))) if self.seconds else float("nan")
+
 
 def method_values(spec: MethodSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     """The spec's load and run options, checked against the method's schema (nothing is loaded)."""

@@ -51,7 +51,7 @@ def _megabytes(value: int | None) -> str:
 
 def method_table(runs: list, metrics: list[str]) -> str:
     arrows = {m: "↓" if METRICS[m].lower_better else "↑" for m in metrics}
-    head = ["method", *(f"{METRICS[m].title} {arrows[m]}" for m in metrics), "s / image", "load s", "warm-up s", "peak memory", "images", "failed"]
+    head = ["method", *(f"{METRICS[m].title} {arrows[m]}" for m in metrics), "s / image", "median s", "load s", "warm-up s", "peak memory", "images", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         if run.error:
@@ -62,7 +62,7 @@ def method_table(runs: list, metrics: list[str]) -> str:
         if run.peak_cuda_bytes is not None:
             memory += f", {_megabytes(run.peak_cuda_bytes)} CUDA"
         cells = [run.spec.label, *(_fmt(means.get(m)) for m in metrics), f"{run.seconds_per_image:.3f}",
-                 f"{run.load_seconds:.1f}", f"{run.warmup_seconds:.1f}", memory, str(len(run.evaluation.rows)), str(len(run.evaluation.failed))]
+                 f"{run.median_seconds:.3f}", f"{run.load_seconds:.1f}", f"{run.warmup_seconds:.1f}", memory, str(len(run.evaluation.rows)), str(len(run.evaluation.failed))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -105,7 +105,7 @@ def _markdown(runs, metrics, settings, plots, crops, out_dir: Path) -> str:
         "",
         method_table(runs, metrics),
         "",
-        "s / image: the method's own time per image (no reading, writing or scoring), mean over the images; "
+        "s / image: the method's own time per image (no reading, writing or scoring), mean and median over the images; "
         "load s: building the model; warm-up s: untimed first runs on the first image (--warmup). Peak memory: the process's peak resident memory while the method ran"
         + (" (CUDA: torch's peak allocated)" if any(r.peak_cuda_bytes is not None for r in runs) else "") + ".",
         "",
@@ -143,6 +143,7 @@ def _results(runs, metrics, settings) -> dict[str, Any]:
             "settings": run.settings,
             "means": {m: (v if v is not None and math.isfinite(v) else None) for m, v in means.items()},
             "seconds_per_image": None if not run.seconds else run.seconds_per_image,
+            "median_seconds_per_image": None if not run.seconds else run.median_seconds,
             "load_seconds": run.load_seconds,
             "warmup_seconds": run.warmup_seconds,
             "peak_rss_bytes": run.peak_rss_bytes,
@@ -185,6 +186,7 @@ def _quality_vs_speed(path: Path, runs, metrics) -> Path:
             ax.scatter([x], [y], color=plt.cm.tab10(i % 10), s=40)
             ax.annotate(run.spec.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.margins(x=0.35, y=0.15)  # room for the labels
         ax.set_xlabel("seconds per image (log)")
         ax.set_title(f"{METRICS[metric].title} ({METRICS[metric].direction})", fontsize=10)
         ax.grid(True, alpha=0.3)
@@ -204,7 +206,7 @@ def _crop_figures(folder: Path, runs, inputs: dict[str, np.ndarray], ground_trut
             value = run.evaluation.rows.get(name, {})
             caption = run.spec.label
             if "psnr" in value:
-                caption += f"\nPSNR {value['psnr']:.2f}"
+                caption += f"\nimage PSNR {value['psnr']:.2f}"
             panels.append((caption, run.crops.get(name)))
         if name in ground_truths:
             panels.append(("ground truth", ground_truths[name]))
