@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 from conftest import shared_path
 
 from diffsr.io import read_image
 from diffsr.metrics import niqe, psnr, ssim
+from diffsr.metrics.niqe import pristine_model
 
 TOLERANCE = {"psnr": 0.01, "ssim": 0.001, "niqe": 0.02}
 
@@ -32,3 +34,10 @@ def test_every_osediff_image_matches_pyiqa():
             if abs(value - float(row[name])) > TOLERANCE[name]
         ]
     assert not off, "\n".join(off)
+
+
+def test_shipped_niqe_parameters_are_the_published_ones():
+    published = np.load(shared_path("data", "metrics", "niqe_pris_params.npz"))
+    mean, cov = pristine_model()
+    assert np.array_equal(mean, published["mu_pris_param"].reshape(-1))
+    assert np.array_equal(cov, published["cov_pris_param"])
