@@ -20,7 +20,7 @@ from diffsr.bench import (
     run_method,
 )
 from diffsr.cli.eval import add_metric_arguments
-from diffsr.cli.upscale import _Bars as ProgressBars
+from diffsr.cli.bars import ProgressBars
 from diffsr.io import read_image
 from diffsr.metrics.evaluate import Scorer
 from diffsr.metrics.registry import METRICS, MetricError, default_metric_names, parse_metric_names

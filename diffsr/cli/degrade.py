@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 from diffsr.batch import collect_inputs
+from diffsr.cli.bars import ProgressBars
 from diffsr.cli.engine import add_engine_arguments
 from diffsr.data.pairs import CONFIG_NAME, RECORDS_NAME, make_pairs
 from diffsr.degrade.config import PRESETS, get_config
 from diffsr.degrade.pipeline import Degrader
 from diffsr.io.image import DEFAULT_MAX_PIXELS
 from diffsr.options import Option, OptionError, options
-from diffsr.progress import Progress
 from diffsr.runtime import resolve_device
 
 OPTIONS = options(
@@ -49,26 +49,6 @@ def register(subparsers: argparse._SubParsersAction, argv: list[str]) -> None:
     parser.set_defaults(func=run)
 
 
-class _Bar:
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.bar = None
-
-    def __call__(self, progress: Progress) -> None:
-        if self.quiet:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=progress.total, unit="img", desc="degrade", file=sys.stderr)
-        self.bar.n = progress.done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         values = OPTIONS.from_namespace(args)
@@ -90,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     out_resolved = out.resolve()
     items = [item for item in items if out_resolved not in item.path.resolve().parents]  # never re-read our own outputs
-    bar = _Bar(args.quiet)
+    bar = ProgressBars(args.quiet)
     try:
         runner = None
         if args.engine == "ray":

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from diffsr.cli.upscale import _Bars as ProgressBars
+from diffsr.cli.bars import ProgressBars
 from diffsr.io import DEFAULT_MAX_PIXELS
 from diffsr.metrics.evaluate import Scorer, add_set_level_metrics, evaluate_pairs, pair_folders, write_eval_report
 from diffsr.metrics.registry import METRICS, MetricError, default_metric_names, parse_metric_names

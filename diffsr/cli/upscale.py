@@ -9,12 +9,12 @@ from pathlib import Path
 
 from diffsr import __version__
 from diffsr.batch import BatchConfig, Summary, collect_inputs, run_batch
+from diffsr.cli.bars import ProgressBars
 from diffsr.cli.engine import add_engine_arguments
 from diffsr.io.image import DEFAULT_MAX_PIXELS
 from diffsr.models.defaults import DefaultModelError
 from diffsr.models.loading import WeightsError
 from diffsr.options import OptionError
-from diffsr.progress import Progress
 from diffsr.registry import DEFAULT_METHOD, METHOD_MODULES, get_method
 
 
@@ -54,44 +54,6 @@ def register(subparsers: argparse._SubParsersAction, argv: list[str]) -> None:
     parser.set_defaults(func=run, method_spec=method)
 
 
-class _Bars:
-    """Progress bars over files and over the tiles of the current image, fed by the one callback."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.files = None
-        self.tiles = None
-
-    def __call__(self, progress: Progress) -> None:
-        if self.quiet:
-            return
-        from tqdm import tqdm
-
-        if progress.stage == "files":
-            if self.files is None:
-                self.files = tqdm(total=progress.total, unit="img", desc="images", position=0, file=sys.stderr)
-            self.files.n = progress.done
-            self.files.refresh()
-            if self.tiles is not None:
-                self.tiles.close()
-                self.tiles = None
-        else:
-            if progress.total <= 1:
-                return
-            if self.tiles is None or progress.done == 0:
-                if self.tiles is not None:
-                    self.tiles.close()
-                self.tiles = tqdm(total=progress.total, unit=progress.stage[:-1] or "it", desc=progress.stage, position=1, leave=False, file=sys.stderr)
-            self.tiles.total = progress.total
-            self.tiles.n = progress.done
-            self.tiles.refresh()
-
-    def close(self) -> None:
-        for bar in (self.tiles, self.files):
-            if bar is not None:
-                bar.close()
-
-
 def run(args: argparse.Namespace) -> int:
     method = args.method_spec
     try:
@@ -118,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     requested = {"diffsr": __version__, "method": method.name, **load_values, **run_values}
     config = BatchConfig(args.output, requested, args.ext, args.suffix, args.overwrite, args.max_pixels or None, args.quality)
     if items:
-        bars = _Bars(args.quiet)
+        bars = ProgressBars(args.quiet)
         try:
             batch = _run_engine(args, method, items, load_values, run_values, config, bars)
         except (WeightsError, DefaultModelError, ValueError, OSError) as exc:
@@ -133,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
-def _run_engine(args, method, items, load_values, run_values, config: BatchConfig, bars: _Bars) -> Summary:
+def _run_engine(args, method, items, load_values, run_values, config: BatchConfig, bars: ProgressBars) -> Summary:
     if args.engine == "ray":
         from diffsr.ray_engine import run_batch_ray
 
