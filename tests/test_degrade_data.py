@@ -14,6 +14,7 @@ from PIL import Image
 from test_degrade import photo_like, pillow_jpeg, psnr
 from torch.utils.data import DataLoader
 
+from tiny_models import save_png
 from diffsr.cli.main import main
 from diffsr.data import (
     HRFolderDataset,
@@ -26,18 +27,12 @@ from diffsr.degrade import Degrader, PromptPolicy
 from diffsr.degrade.jpeg import jpeg_compress
 
 
-def write_png(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
-
-
 @pytest.fixture
 def hr_folder(tmp_path: Path) -> Path:
     root = tmp_path / "hr"
     for index, (h, w) in enumerate([(80, 96), (72, 64), (40, 48)]):  # the last is smaller than a 64 crop
-        write_png(root / f"img{index}.png", photo_like(h, w, seed=index))
-    write_png(root / "sub" / "grey.png", photo_like(64, 80, seed=9)[:, :, 0])
+        save_png(root / f"img{index}.png", photo_like(h, w, seed=index))
+    save_png(root / "sub" / "grey.png", photo_like(64, 80, seed=9)[:, :, 0])
     return root
 
 
@@ -101,8 +96,8 @@ def test_dataset_refuses_crops_that_do_not_divide(hr_folder):
 def test_paired_dataset_crops_stay_aligned(tmp_path):
     hr = photo_like(64, 96)
     lr = hr.reshape(16, 4, 24, 4, 3).mean(axis=(1, 3)).round().astype(np.uint8)  # box x4: alignment is checkable
-    write_png(tmp_path / "HR" / "a.png", hr)
-    write_png(tmp_path / "LR" / "a.png", lr)
+    save_png(tmp_path / "HR" / "a.png", hr)
+    save_png(tmp_path / "LR" / "a.png", lr)
     data = PairedFolderDataset(tmp_path / "LR", tmp_path / "HR", scale=4, crop_size=32, flip=True, rotate=True, seed=3)
     for epoch in range(4):
         data.set_epoch(epoch)
@@ -113,9 +108,9 @@ def test_paired_dataset_crops_stay_aligned(tmp_path):
 
 
 def test_paired_dataset_reports_unpaired_and_mis_sized_files(tmp_path):
-    write_png(tmp_path / "HR" / "a.png", photo_like(32, 32))
-    write_png(tmp_path / "HR" / "b.png", photo_like(32, 32))
-    write_png(tmp_path / "LR" / "a.png", photo_like(10, 8))
+    save_png(tmp_path / "HR" / "a.png", photo_like(32, 32))
+    save_png(tmp_path / "HR" / "b.png", photo_like(32, 32))
+    save_png(tmp_path / "LR" / "a.png", photo_like(10, 8))
     with pytest.raises(ValueError, match=r"1 HR image\(s\) have no LR \(b\)"):
         PairedFolderDataset(tmp_path / "LR", tmp_path / "HR")
     (tmp_path / "HR" / "b.png").unlink()

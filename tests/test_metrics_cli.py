@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tiny_models import save_png
 from diffsr.bench import BenchError, parse_method_spec
 from diffsr.cli.main import main
 from diffsr.io import read_image
@@ -25,27 +26,21 @@ def _photo(size: int, seed: int) -> np.ndarray:
     return np.clip((base + rng.normal(0, 0.03, base.shape)) * 255, 0, 255).astype(np.uint8)
 
 
-def _save(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
-
-
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     """LR/ (32 px) and HR/ (128 px) pairs with the same names, as DRealSR is laid out."""
     root = tmp_path / "set"
     for index in range(3):
         hr = _photo(128, index)
-        _save(root / "HR" / f"img{index}.png", hr)
-        _save(root / "LR" / f"img{index}.png", np.asarray(Image.fromarray(hr).resize((32, 32), Image.BICUBIC)))
+        save_png(root / "HR" / f"img{index}.png", hr)
+        save_png(root / "LR" / f"img{index}.png", np.asarray(Image.fromarray(hr).resize((32, 32), Image.BICUBIC)))
     return root
 
 
 def test_eval_writes_per_image_values_and_summary(tmp_path: Path, dataset: Path):
     pred = tmp_path / "pred"
     for index in range(3):
-        _save(pred / f"img{index}_out.png", np.asarray(Image.open(dataset / "LR" / f"img{index}.png").resize((128, 128), Image.BILINEAR)))
+        save_png(pred / f"img{index}_out.png", np.asarray(Image.open(dataset / "LR" / f"img{index}.png").resize((128, 128), Image.BILINEAR)))
     out = tmp_path / "report"
     code = main(["eval", "--pred", str(pred), "--gt", str(dataset / "HR"), "-o", str(out), "--suffix", "out",
                  "--metrics", "psnr,ssim", "--y-channel", "--crop-border", "4", "-q"])
@@ -64,9 +59,9 @@ def test_eval_writes_per_image_values_and_summary(tmp_path: Path, dataset: Path)
 
 def test_eval_reports_missing_partners_and_size_mismatches(tmp_path: Path, dataset: Path, capsys):
     pred = tmp_path / "pred"
-    _save(pred / "img0.png", _photo(128, 0))
-    _save(pred / "img1.png", _photo(120, 1))  # wrong size
-    _save(pred / "stray.png", _photo(128, 5))  # no ground truth
+    save_png(pred / "img0.png", _photo(128, 0))
+    save_png(pred / "img1.png", _photo(120, 1))  # wrong size
+    save_png(pred / "stray.png", _photo(128, 5))  # no ground truth
     code = main(["eval", "--pred", str(pred), "--gt", str(dataset / "HR"), "-o", str(tmp_path / "r"), "-q"])
     err = capsys.readouterr().err
     assert code == 1
@@ -102,9 +97,9 @@ def test_eval_names_a_missing_pyiqa(tmp_path: Path, dataset: Path, capsys, monke
 
 def test_pairing_by_stem_handles_suffixes_and_duplicates(tmp_path: Path):
     for name in ("a_out.png", "b_out.jpg", "b_out.png", "c.png"):
-        _save(tmp_path / "pred" / name, _photo(16, 0))
+        save_png(tmp_path / "pred" / name, _photo(16, 0))
     for name in ("a.png", "b.png"):
-        _save(tmp_path / "gt" / name, _photo(16, 0))
+        save_png(tmp_path / "gt" / name, _photo(16, 0))
     pairs, problems = pair_folders(tmp_path / "pred", tmp_path / "gt", suffix="out")
     assert [(p.name, p.gt.name) for p in pairs] == [("a_out.png", "a.png"), ("b_out.jpg", "b.png")]
     reasons = " | ".join(r for _, r in problems)

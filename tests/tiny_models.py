@@ -87,3 +87,12 @@ def gradient_image(height: int = 40, width: int = 48, channels: int = 3, seed: i
     base = np.stack([(x * 5 + y * 2) % 256, (y * 6) % 256, (x * y) % 256][:channels], axis=2).astype(np.float64)
     noisy = base + rng.normal(0, noise, base.shape)
     return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def save_png(path: Path, array: np.ndarray) -> Path:
+    """Write a uint8 array as PNG, creating the folder."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
