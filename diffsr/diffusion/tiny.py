@@ -159,13 +159,15 @@ def _unet(base_config: dict[str, Any], tiny: dict[str, Any], seed: int):
     return unet
 
 
-def _vae(base_config: dict[str, Any], seed: int, deterministic_posterior: bool):
+def tiny_vae(seed: int = 0, deterministic_posterior: bool = False, base: str = "sd21-base", **overrides: Any):
+    """A random AutoencoderKL with the SD layout (4 levels, x8) at tiny widths; `overrides` change the config."""
     from diffusers import AutoencoderKL
 
-    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    config = {k: v for k, v in BASES[base].vae.items() if not k.startswith("_")}
     config.update(TINY_VAE)
+    config.update(overrides)
     torch.manual_seed(seed)
-    vae = AutoencoderKL.from_config(config)
+    vae = AutoencoderKL.from_config(config).eval()
     randomize_norms(vae, seed + 1)
     if deterministic_posterior:  # log-variance -30: std 3e-7, so sample() ~ mode() for exact comparisons
         latent = config["latent_channels"]
@@ -222,7 +224,7 @@ def build_tiny_sd2(directory: str | Path, kind: str = "sd21-base", seed: int = 0
     folder = root / "diffusers"
     tokenizer = write_clip_tokenizer(folder / "tokenizer", spec.text_encoders[0].pad_token, real_vocabulary)
     unet = _unet(spec.unet, TINY_SD2_UNET, seed)
-    vae = _vae(spec.vae, seed + 10, deterministic_posterior)
+    vae = tiny_vae(seed + 10, deterministic_posterior, kind)
     text = _text_encoder(spec.text_encoders[0], seed + 20, len(tokenizer), 32, 2)
     for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text)):
         model.save_pretrained(str(folder / name))
@@ -253,7 +255,7 @@ def build_tiny_sdxl(directory: str | Path, seed: int = 0, real_vocabulary: bool 
     tokenizer = write_clip_tokenizer(folder / "tokenizer", first.pad_token, real_vocabulary)
     write_clip_tokenizer(folder / "tokenizer_2", second.pad_token, real_vocabulary)
     unet = _unet(spec.unet, TINY_SDXL_UNET, seed)
-    vae = _vae(spec.vae, seed + 10, False)
+    vae = tiny_vae(seed + 10, False, "sdxl-base")
     text = _text_encoder(first, seed + 20, len(tokenizer), 16, 3)
     text_2 = _text_encoder(second, seed + 30, len(tokenizer), 16, 3)
     for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text), ("text_encoder_2", text_2)):
