@@ -50,6 +50,7 @@ _SD_VAE: dict[str, Any] = {
     "out_channels": 3,
     "sample_size": 512,
     "scaling_factor": 0.18215,
+    "force_upcast": False,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
