@@ -148,13 +148,15 @@ class TinyBase:
     """The same tensors as {"state_dict": ..., "global_step": 0}, as Lightning saves them."""
 
 
-def _unet(base_config: dict[str, Any], tiny: dict[str, Any], seed: int):
+def tiny_unet(seed: int = 0, base: str = "sd21-base", **overrides: Any):
+    """A random UNet2DConditionModel of `base`'s architecture at tiny widths (SD 2.x or SDXL); `overrides` change the config."""
     from diffusers import UNet2DConditionModel
 
-    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
-    config.update(tiny)
+    config = {k: v for k, v in BASES[base].unet.items() if not k.startswith("_")}
+    config.update(TINY_SDXL_UNET if base == "sdxl-base" else TINY_SD2_UNET)
+    config.update(overrides)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(config)
+    unet = UNet2DConditionModel.from_config(config).eval()
     randomize_norms(unet, seed + 1)
     return unet
 
@@ -223,7 +225,7 @@ def build_tiny_sd2(directory: str | Path, kind: str = "sd21-base", seed: int = 0
     root = Path(directory)
     folder = root / "diffusers"
     tokenizer = write_clip_tokenizer(folder / "tokenizer", spec.text_encoders[0].pad_token, real_vocabulary)
-    unet = _unet(spec.unet, TINY_SD2_UNET, seed)
+    unet = tiny_unet(seed, kind)
     vae = tiny_vae(seed + 10, deterministic_posterior, kind)
     text = _text_encoder(spec.text_encoders[0], seed + 20, len(tokenizer), 32, 2)
     for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text)):
@@ -254,7 +256,7 @@ def build_tiny_sdxl(directory: str | Path, seed: int = 0, real_vocabulary: bool 
     first, second = spec.text_encoders
     tokenizer = write_clip_tokenizer(folder / "tokenizer", first.pad_token, real_vocabulary)
     write_clip_tokenizer(folder / "tokenizer_2", second.pad_token, real_vocabulary)
-    unet = _unet(spec.unet, TINY_SDXL_UNET, seed)
+    unet = tiny_unet(seed, "sdxl-base")
     vae = tiny_vae(seed + 10, False, "sdxl-base")
     text = _text_encoder(first, seed + 20, len(tokenizer), 16, 3)
     text_2 = _text_encoder(second, seed + 30, len(tokenizer), 16, 3)
