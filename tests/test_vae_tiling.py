@@ -11,6 +11,15 @@ from diffsr.vae_tiling import _spans, decoder_ops, tiled_decoder, tiled_encoder,
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Lockstep tiling runs many tiny ops: on a busy machine thread hand-offs cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vae():
     return tiny_vae(seed=3)
