@@ -99,3 +99,54 @@ def test_unsupported_decoder_is_refused(vae):
     decoder.conv_norm_out = SpatialNorm(32, 4)
     with pytest.raises(NotImplementedError, match="spatial"):
         decoder_ops(decoder)
+
+
+def _osediff_vae(root):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(root / "sd-tiny", subfolder="vae", torch_dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stem", ["img1", "img2"])
+def test_vaehook_mode_reproduces_osediff_tiled_decoder(stem):
+    """OSEDiff case d (decoder tile 8, pad 11): the official hook's output, from its own denoised latent."""
+    import numpy as np
+
+    from conftest import shared_path
+
+    root = shared_path("fixtures", "osediff")
+    vae = _osediff_vae(root)
+    denoised = torch.from_numpy(np.load(root / "expected" / "d_vaetile" / "intermediates" / f"{stem}.x_denoised.npy"))
+    expected = np.load(root / "expected" / "d_vaetile" / f"{stem}.npy")
+    z = vae.post_quant_conv(denoised / 0.18215)
+    out = tiled_decoder(vae.decoder, z, tile=8, halo=11, statistics="vaehook").clamp(-1, 1)[0].numpy()
+    assert np.abs(out - expected).max() <= 2e-4 and np.abs(out - expected).mean() <= 1e-5
+    exact = tiled_decoder(vae.decoder, z, tile=8, halo=11).clamp(-1, 1)
+    assert (exact - vae.decoder(z).clamp(-1, 1)).abs().max() < 1e-5  # the exact mode is the untiled result here
+    assert np.abs(exact[0].numpy() - expected).max() > 0.1  # which the official hook is not
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stem", ["img1", "img2"])
+def test_vaehook_mode_reproduces_osediff_tiled_encoder(stem):
+    """OSEDiff case d (encoder tile 96, pad 32) on the LoRA'd encoder, merged as W + 2 B A."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import shared_path
+
+    root = shared_path("fixtures", "osediff")
+    vae = _osediff_vae(root)
+    lora = torch.load(root / "osediff_tiny.pkl", weights_only=True)["state_dict_vae"]
+    modules = dict(vae.named_modules())
+    for key, down in lora.items():
+        if ".lora_A." in key:
+            up = lora[key.replace(".lora_A.", ".lora_B.")].float()
+            weight = modules[key.split(".lora_A.")[0]].weight
+            weight += 2 * (torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down.float()) if down.ndim == 4 else up @ down.float())
+    pixels = np.asarray(Image.open(root / "expected" / "preprocessed" / f"{stem}.png").convert("RGB"), dtype=np.float32) / 255
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None] * 2 - 1
+    latent = vae.quant_conv(tiled_encoder(vae.encoder, image, tile=96, halo=32, statistics="vaehook")).chunk(2, 1)[0] * 0.18215
+    expected = np.load(root / "expected" / "d_vaetile" / "intermediates" / f"{stem}.lq_latent.npy")
+    assert np.abs(latent.numpy() - expected).max() <= 1e-5
