@@ -105,3 +105,34 @@ def test_tiles_are_independent_calls():
     out = tiled_map(lambda x: torch.full_like(x, float(next(counter))), {"x": latent}, 8, 4, "stablesr")
     assert out.min() >= 0 and out.max() <= len(tile_grid(20, 20, 8, 4, SCHEMES["stablesr"])) - 1 + 1e-4
     assert out[0, 0, 0, 0] == pytest.approx(0.0, abs=1e-3) and out[0, 0, -1, -1] > 7.9
+
+
+@pytest.mark.filterwarnings("ignore")
+@torch.no_grad()
+def test_osediff_fixture_tiled_noise_prediction():
+    """OSEDiff case b: its LoRA'd tiny UNet on 16x16 tiles (overlap 4) reproduces the official stitched eps."""
+    from diffsr.diffusion.loading import load_base
+
+    root = shared_path("fixtures", "osediff")
+    unet = load_base(root / "sd-tiny", "sd21-base", components=("unet",)).unet
+    lora = torch.load(root / "osediff_tiny.pkl", weights_only=True)["state_dict_unet"]
+    modules = dict(unet.named_modules())
+    unet.conv_in.weight.copy_(lora["conv_in.base_layer.weight"])
+    unet.conv_in.bias.copy_(lora["conv_in.base_layer.bias"])
+    for key, down in lora.items():  # peft LoRA with alpha 8, rank 4: W + 2 B A
+        if ".lora_A." in key:
+            up = lora[key.replace(".lora_A.", ".lora_B.")].float()
+            weight = modules[key.split(".lora_A.")[0]].weight
+            weight += 2 * (torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down.float()) if down.ndim == 4 else up @ down.float())
+    for stem in ("img1", "img2"):
+        stored = root / "expected" / "b_latenttile" / "intermediates"
+        embeds = torch.from_numpy(np.load(stored / f"{stem}.prompt_embeds.npy"))
+        latent = torch.from_numpy(np.load(stored / f"{stem}.lq_latent.npy"))
+        expected = np.load(stored / f"{stem}.model_pred.npy")
+
+        def eps(x):
+            return unet(x, torch.tensor([999]), encoder_hidden_states=embeds.expand(x.shape[0], -1, -1)).sample
+
+        for batch in (1, 4):
+            out = tiled_map(eps, {"x": latent}, 16, 4, "osediff", batch_size=batch).numpy()
+            assert np.abs(out - expected).max() <= 1e-4, (stem, batch)
