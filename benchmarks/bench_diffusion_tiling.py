@@ -62,7 +62,7 @@ def measure(kind: str, mode: str, size: int, tile: int, full_size: bool, device_
             out = tiled_decoder(model.decoder, latent, tile=tile) if mode == "tiled" else model.decoder(latent)
         else:
             context = torch.randn(1, 77, model.config.cross_attention_dim, device=device, dtype=dtype)
-            step = lambda x: model(x, 999, encoder_hidden_states=context.expand(x.shape[0], -1, -1)).sample  # noqa: E731
+            step = lambda x: model(x, 999, encoder_hidden_states=context.expand(x.shape[0], -1, -1)).sample
             out = tiled_map(step, {"x": latent}, tile, tile // 2, "stablesr", batch_size=4) if mode == "tiled" else step(latent)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -81,7 +81,7 @@ def _independent_tiles(module, x, tile: int, halo: int, align: int, scale: float
             part = module(x[..., ylo:yhi, xlo:xhi])
             if out is None:
                 out = torch.zeros(*part.shape[:2], int(x.shape[-2] * scale), int(x.shape[-1] * scale))
-            s = lambda v, o=0: int((v - o) * scale)  # noqa: E731
+            s = lambda v, o=0: int((v - o) * scale)
             out[..., s(y0):s(y1), s(x0):s(x1)] = part[..., s(y0, ylo):s(y1, ylo), s(x0, xlo):s(x1, xlo)]
     return out
 

@@ -24,8 +24,8 @@ handled (the tile shrinks to the latent) and OSEDiff's overlap >= tile hang beco
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 

@@ -31,8 +31,9 @@ that need parity with OSEDiff's or SUPIR's `--use_tile_vae`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -371,7 +372,7 @@ def tiled_decoder(decoder: torch.nn.Module, latent: torch.Tensor, tile: int = 64
     return runner(latent)
 
 
-class tiled_vae:  # noqa: N801 - used as a context manager, like torch.no_grad
+class tiled_vae:
     """Within the block, `vae.encode` / `vae.decode` (and pipelines that call them) run tiled.
 
     ``with tiled_vae(vae, encoder_tile=512, decoder_tile=64): latents = vae.encode(x).latent_dist.sample()``
@@ -385,7 +386,7 @@ class tiled_vae:  # noqa: N801 - used as a context manager, like torch.no_grad
         self.settings = (encoder_tile, decoder_tile, encoder_halo, decoder_halo, offload, on_progress, statistics)
         self._saved: list[tuple[torch.nn.Module, Callable]] = []
 
-    def __enter__(self) -> "tiled_vae":
+    def __enter__(self) -> tiled_vae:  # noqa: PYI034 - Self needs Python 3.11
         encoder_tile, decoder_tile, encoder_halo, decoder_halo, offload, on_progress, statistics = self.settings
         encoder, decoder = self.vae.encoder, self.vae.decoder
         plain_encoder, plain_decoder = encoder.forward, decoder.forward

@@ -5,10 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import shared_path
 from PIL import Image
 
-from conftest import shared_path
-from diffsr.colorfix import adain_color_fix, color_fix, wavelet_blur, wavelet_color_fix, wavelet_decomposition
+from diffsr.colorfix import (
+    adain_color_fix,
+    color_fix,
+    wavelet_blur,
+    wavelet_color_fix,
+    wavelet_decomposition,
+)
 
 
 def _png(path) -> torch.Tensor:

@@ -7,10 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_path
+
 from diffsr.diffusion.bases import BASES, BaseSpec, TextEncoderSpec
-from diffsr.diffusion.loading import clip_tokenizer, load_base, load_method_checkpoint, read_state_dict
+from diffsr.diffusion.loading import (
+    clip_tokenizer,
+    load_base,
+    load_method_checkpoint,
+    read_state_dict,
+)
 from diffsr.diffusion.tiny import build_tiny_sd2, build_tiny_sdxl
 from diffsr.diffusion.weights import describe_files, method_weight_files
 from diffsr.models.loading import WeightsError

@@ -7,7 +7,14 @@ import argparse
 import pytest
 import torch
 
-from diffsr.diffusion.runtime import RUNTIME_OPTIONS, NoiseExhausted, NoiseSource, Runtime, latent_tiling_options, vae_tiling_options
+from diffsr.diffusion.runtime import (
+    RUNTIME_OPTIONS,
+    NoiseExhausted,
+    NoiseSource,
+    Runtime,
+    latent_tiling_options,
+    vae_tiling_options,
+)
 from diffsr.options import OptionError
 
 pytestmark = pytest.mark.filterwarnings("ignore")

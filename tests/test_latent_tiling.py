@@ -8,9 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_path
-from diffsr.latent_tiling import SCHEMES, TileScheme, tile_grid, tile_starts, tile_window, tiled_map
+
+from diffsr.latent_tiling import (
+    SCHEMES,
+    TileScheme,
+    tile_grid,
+    tile_starts,
+    tile_window,
+    tiled_map,
+)
 
 
 def test_official_grids():
@@ -45,7 +52,7 @@ def test_grid_order_and_osediff_rules():
 
 def test_windows():
     w = tile_window(64, 64, "gaussian")
-    g = lambda u, m: math.exp(-((u - m) ** 2) / 64**2 / 0.02) / math.sqrt(2 * math.pi * 0.01)  # noqa: E731
+    g = lambda u, m: math.exp(-((u - m) ** 2) / 64**2 / 0.02) / math.sqrt(2 * math.pi * 0.01)
     assert w.dtype == torch.float64
     assert w[10, 20].item() == pytest.approx(g(10, 32) * g(20, 31.5), rel=1e-12)  # y centre T/2, x centre (T-1)/2
     assert w[0, 0] / w[32, 31] < 1e-5
@@ -130,7 +137,7 @@ def test_osediff_fixture_tiled_noise_prediction():
         latent = torch.from_numpy(np.load(stored / f"{stem}.lq_latent.npy"))
         expected = np.load(stored / f"{stem}.model_pred.npy")
 
-        def eps(x):
+        def eps(x, embeds=embeds):
             return unet(x, torch.tensor([999]), encoder_hidden_states=embeds.expand(x.shape[0], -1, -1)).sample
 
         for batch in (1, 4):

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from diffsr.diffusion.tiny import tiny_vae
-from diffsr.vae_tiling import _spans, decoder_ops, tiled_decoder, tiled_encoder, tiled_vae
+from diffsr.vae_tiling import (
+    _spans,
+    decoder_ops,
+    tiled_decoder,
+    tiled_encoder,
+    tiled_vae,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -33,7 +39,7 @@ def _independent_tiles(module, x, tile, halo, align, scale):
             o = module(x[..., ylo:yhi, xlo:xhi])
             if out is None:
                 out = torch.zeros(*o.shape[:2], int(x.shape[-2] * scale), int(x.shape[-1] * scale))
-            s = lambda v, o=0: int((v - o) * scale)  # noqa: E731
+            s = lambda v, o=0: int((v - o) * scale)
             out[..., s(y0):s(y1), s(x0):s(x1)] = o[..., s(y0, ylo):s(y1, ylo), s(x0, xlo):s(x1, xlo)]
     return out
 
@@ -112,7 +118,6 @@ def _osediff_vae(root):
 def test_vaehook_mode_reproduces_osediff_tiled_decoder(stem):
     """OSEDiff case d (decoder tile 8, pad 11): the official hook's output, from its own denoised latent."""
     import numpy as np
-
     from conftest import shared_path
 
     root = shared_path("fixtures", "osediff")
@@ -132,9 +137,8 @@ def test_vaehook_mode_reproduces_osediff_tiled_decoder(stem):
 def test_vaehook_mode_reproduces_osediff_tiled_encoder(stem):
     """OSEDiff case d (encoder tile 96, pad 32) on the LoRA'd encoder, merged as W + 2 B A."""
     import numpy as np
-    from PIL import Image
-
     from conftest import shared_path
+    from PIL import Image
 
     root = shared_path("fixtures", "osediff")
     vae = _osediff_vae(root)

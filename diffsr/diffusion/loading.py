@@ -14,12 +14,19 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffsr.diffusion.bases import LDM_UNET_PREFIX, LDM_VAE_PREFIX, BaseSpec, TextEncoderSpec, get_base
+from diffsr.diffusion.bases import (
+    LDM_UNET_PREFIX,
+    LDM_VAE_PREFIX,
+    BaseSpec,
+    TextEncoderSpec,
+    get_base,
+)
 from diffsr.models.loading import WeightsError, load_checkpoint, tensors_only
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -215,8 +222,9 @@ def _single_file_text_encoder(state: dict[str, torch.Tensor], text_spec: TextEnc
     return model
 
 
+@lru_cache(maxsize=4)
 def clip_tokenizer(pad_token: str):
-    """The CLIP BPE tokenizer of SD 2.x / SDXL (49408 ids), built offline from open_clip's vocabulary."""
+    """The CLIP BPE tokenizer of SD 2.x / SDXL (49408 ids), built offline from open_clip's vocabulary (cached)."""
     from diffsr.diffusion.tiny import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as folder:

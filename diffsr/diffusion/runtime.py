@@ -10,9 +10,10 @@ Progress goes through `diffsr.progress` with the stage names in `STAGES`.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ class Runtime:
     compile: bool = False
 
     @classmethod
-    def from_options(cls, values: dict[str, Any], supports_fp16: bool = True) -> "Runtime":
+    def from_options(cls, values: dict[str, Any], supports_fp16: bool = True) -> Runtime:
         device = resolve_device(values.get("device", "auto"))
         dtype = resolve_dtype(values.get("dtype", "auto"), device, supports_fp16=supports_fp16)
         return cls(device, dtype, values.get("attention", "sdpa"), bool(values.get("offload", False)),
@@ -87,7 +88,10 @@ class Runtime:
         """Cast, place, choose the attention kernel and memory layout; compile the denoiser if asked."""
         module.to(device=self.home, dtype=self.module_dtype(module)).eval().requires_grad_(False)
         if hasattr(module, "set_attn_processor"):
-            from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+            from diffusers.models.attention_processor import (
+                AttnProcessor,
+                AttnProcessor2_0,
+            )
 
             module.set_attn_processor(AttnProcessor2_0() if self.attention == "sdpa" else AttnProcessor())
         if self.channels_last:

@@ -16,13 +16,19 @@ import gzip
 import json
 from collections import Counter
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffsr.diffusion.bases import BASES, LDM_UNET_PREFIX, LDM_VAE_PREFIX
-from diffsr.diffusion.ldm_layout import openclip_text_to_ldm, unet_to_ldm, vae_to_ldm, with_text_model_prefix
+from diffsr.diffusion.ldm_layout import (
+    openclip_text_to_ldm,
+    unet_to_ldm,
+    vae_to_ldm,
+    with_text_model_prefix,
+)
 
 TINY_WORDS = ("a photo of a cat, dog, building, city, sky, tree, cinematic, high-contrast, photo-realistic, 8k, "
               "ultra hd, detailing, sharpness, painting, drawing, blurry, noisy, low quality, worst quality")
@@ -51,7 +57,7 @@ def _learn_merges(text: str, count: int) -> list[tuple[str, str]]:
     for _ in range(count):
         pairs: Counter = Counter()
         for word, n in corpus.items():
-            for pair in zip(word, word[1:]):
+            for pair in pairwise(word):
                 pairs[pair] += n
         if not pairs:
             break
@@ -80,7 +86,8 @@ def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
         raise RuntimeError("the real CLIP tokenizer is built from open_clip's vocabulary: pip install 'diffsr[diffusion]' "
                            "(open_clip_torch), or pass a folder that has tokenizer/ files") from None
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     return _vocabulary(merges), merges
 
