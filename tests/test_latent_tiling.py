@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -63,6 +64,9 @@ def test_windows():
     ref = (ref / ref.sum())[1:]
     assert np.allclose(k[100].numpy(), ref[100] * ref, rtol=1e-12)
     assert torch.equal(tile_window(3, 5, "flat"), torch.ones(3, 5, dtype=torch.float64))
+    for size in (64, 256):  # InvSR: cv2.getGaussianKernel(k + 1, sigma, CV_64F)[1:] on each axis
+        taps = cv2.getGaussianKernel(size + 1, 0.3 * ((size - 1) * 0.5 - 1) + 0.8, cv2.CV_64F)[1:, 0]
+        assert np.allclose(tile_window(size, size, "opencv")[size // 3].numpy(), taps[size // 3] * taps, rtol=1e-12, atol=0)
 
 
 def test_supir_fixture_blend_is_bit_exact():
