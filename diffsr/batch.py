@@ -18,12 +18,16 @@ from diffsr.io.image import (
     SUFFIX_BY_FORMAT,
     ImageData,
     ImageError,
-    read_image,
+    decode_image,
+    read_file,
+    read_settings,
     write_image,
 )
+from diffsr.manifest import Manifest, Record, content_hash, settings_digest
 from diffsr.progress import OptionalCallback, report
 
 GLOB_CHARS = frozenset("*?[")
+LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
 
 @dataclass(frozen=True)
@@ -45,14 +49,18 @@ class Summary:
         return not self.failed
 
     def lines(self) -> list[str]:
-        out = [f"written {len(self.written)}, skipped {len(self.skipped)} (output exists; --overwrite redoes them), failed {len(self.failed)}"]
+        out = [
+            f"written {len(self.written)}, skipped {len(self.skipped)} (done before, or existing files; "
+            f"--overwrite redoes them), failed {len(self.failed)}"
+        ]
         out += [f"  note: {note}" for note in self.notes]
         out += [f"  failed: {reason}" for _, reason in self.failed]
         return out
 
 
 def collect_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[InputFile], list[tuple[str, str]]]:
-    """Files, folders (their images; sub-folders with `recursive`) and glob patterns, in a stable order."""
+    """Files, folders (their images; sub-folders with `recursive`), glob patterns and .txt/.lst lists of
+    paths, in a stable order, each file once."""
     found: list[InputFile] = []
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()
@@ -73,6 +81,11 @@ def collect_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[Inp
                 problems.append((text, f"{text}: folder has no images{hint}"))
             for image in images:
                 add(image, image.relative_to(path))
+        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+            listed, missing = _read_list(path)
+            problems += missing
+            for entry in listed:
+                add(entry, Path(entry.name))
         elif path.exists():
             add(path, Path(path.name))
         elif GLOB_CHARS & set(text):
@@ -84,6 +97,21 @@ def collect_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[Inp
         else:
             problems.append((text, f"{text}: no such file or folder"))
     return found, problems
+
+
+def _read_list(list_file: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Paths named one per line in a text file (blank lines and # comments skipped), relative to it."""
+    paths, problems = [], []
+    for number, line in enumerate(list_file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(entry) if Path(entry).is_absolute() else list_file.parent / entry
+        if path.is_file():
+            paths.append(path)
+        else:
+            problems.append((entry, f"{list_file}:{number}: {entry}: no such file"))
+    return paths, problems
 
 
 def _is_image_name(path: Path) -> bool:
@@ -110,52 +138,169 @@ def output_path(item: InputFile, out_dir: Path, image: ImageData, ext: str, suff
 Process = Callable[[ImageData], ImageData]
 
 
+@dataclass(frozen=True)
+class BatchConfig:
+    """Everything about a batch that decides where and how outputs are written (picklable for workers)."""
+
+    out_dir: Path
+    settings: dict[str, Any]
+    """The requested method and options; their digest decides whether an earlier output is still valid."""
+    ext: str = "auto"
+    suffix: str = "out"
+    overwrite: bool = False
+    max_pixels: int | None = None
+    quality: int = 95
+
+    @property
+    def digest(self) -> str:
+        return settings_digest({**self.settings, "ext": self.ext, "suffix": self.suffix, "quality": self.quality})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one input: written, skipped (done before, or a file that is not ours) or failed."""
+
+    item: InputFile
+    state: str
+    record: Record | None = None
+    target: Path | None = None
+    reason: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+class FileWorker:
+    """The work on one file, the same for every engine: read, skip if done, decode, process, write.
+
+    It holds no shared state: the manifest's records come in, outcomes go out, and the caller
+    (the local loop or the Ray driver) records them. `claim` lets the caller refuse an output that
+    would replace an input or another input's output before any pixel is computed.
+    """
+
+    def __init__(
+        self,
+        config: BatchConfig,
+        finished: dict[str, Record],
+        claim: Callable[[InputFile, Path], None] | None = None,
+        details: dict[str, Any] | None = None,
+    ):
+        self.config, self.finished, self.claim = config, finished, claim
+        self.details = details or {}
+        """What the loaded pipeline resolved (dtype, architecture): written to metadata, not digested."""
+        self.digest = config.digest
+
+    def __call__(self, item: InputFile, process: Process) -> Outcome:
+        try:
+            return self._run(item, process)
+        except (ImageError, ValueError, MemoryError) as exc:
+            return self._failed(item, f"{item.path}: {exc}" if isinstance(exc, MemoryError) else str(exc))
+        except OSError as exc:
+            return self._failed(item, f"{item.path}: cannot write output ({exc.strerror or exc})")
+
+    def _run(self, item: InputFile, process: Process) -> Outcome:
+        config = self.config
+        data = read_file(item.path)
+        key, sha = str(item.path.resolve()), content_hash(data)
+        done = self.finished.get(key)
+        if done and done.state == "done" and done.sha256 == sha and done.settings == self.digest and _intact(config.out_dir, done):
+            return Outcome(item, "skipped", target=config.out_dir / done.output)
+        image = decode_image(data, name=str(item.path), max_pixels=config.max_pixels)
+        target, note = output_path(item, config.out_dir, image, config.ext, config.suffix)
+        if self.claim:
+            self.claim(item, target)
+        relative = str(target.relative_to(config.out_dir))
+        if target.exists() and not config.overwrite:
+            made = _recorded_source(target)
+            if made == (sha, self.digest):  # finished just before a kill could record it
+                record = Record(key, len(data), sha, self.digest, relative, "done", output_size=target.stat().st_size)
+                return Outcome(item, "skipped", record, target)
+            if made is None and key not in self.finished:
+                return Outcome(item, "skipped", target=target)  # not diffsr's output of this batch: left alone
+        notes = [note] if note else []
+        if image.frame_count > 1:
+            notes.append(f"{item.path}: animated ({image.frame_count} frames): only the first frame was upscaled")
+        result = process(image)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        provenance = {"source": item.path.name, "source_sha256": sha, "settings_digest": self.digest}
+        write_image(target, result, settings={**config.settings, **self.details, **provenance}, quality=config.quality)
+        record = Record(key, len(data), sha, self.digest, relative, "done", output_size=target.stat().st_size)
+        return Outcome(item, "written", record, target, notes=tuple(notes))
+
+    def _failed(self, item: InputFile, reason: str) -> Outcome:
+        try:
+            size = item.path.stat().st_size
+        except OSError:
+            size = -1
+        record = Record(str(item.path.resolve()), size, "", self.digest, None, "failed", reason)
+        return Outcome(item, "failed", record, reason=reason)
+
+
+def _intact(out_dir: Path, record: Record) -> bool:
+    output = out_dir / record.output if record.output else None
+    return bool(output and output.is_file() and output.stat().st_size == record.output_size)
+
+
+class Recorder:
+    """The driver side of a batch: the manifest, the summary and progress, fed with outcomes."""
+
+    def __init__(self, config: BatchConfig, total: int, on_progress: OptionalCallback = None):
+        self.manifest = Manifest.open(config.out_dir, fresh=config.overwrite)
+        self.summary = Summary()
+        self.total, self.count, self.on_progress = total, 0, on_progress
+        report(on_progress, "files", 0, total)
+
+    def __call__(self, outcome: Outcome) -> None:
+        if outcome.record is not None:
+            self.manifest.add(outcome.record)
+        if outcome.state == "written":
+            self.summary.written.append(outcome.target)
+        elif outcome.state == "skipped":
+            self.summary.skipped.append(outcome.target)
+        else:
+            self.summary.failed.append((str(outcome.item.path), outcome.reason))
+        self.summary.notes.extend(outcome.notes)
+        self.count += 1
+        report(self.on_progress, "files", self.count, self.total, str(outcome.item.path))
+
+
+class OutputClaims:
+    """Refuses an output that would replace an input, or that another input already produces."""
+
+    def __init__(self, items: list[InputFile]):
+        self.inputs = {item.path.resolve() for item in items}
+        self.planned: dict[Path, Path] = {}
+
+    def __call__(self, item: InputFile, target: Path) -> None:
+        resolved = target.resolve()
+        if resolved in self.inputs:
+            raise ImageError(f"{item.path}: output {target} would overwrite an input; choose another -o or --suffix")
+        if resolved in self.planned and self.planned[resolved] != item.path:
+            raise ImageError(
+                f"{item.path}: output {target} is also the output of {self.planned[resolved]}; use --ext auto or another --suffix"
+            )
+        self.planned[resolved] = item.path
+
+
 def run_batch(
     items: list[InputFile],
     process: Process,
-    out_dir: Path,
-    settings: dict[str, Any],
-    ext: str = "auto",
-    suffix: str = "out",
-    overwrite: bool = False,
-    max_pixels: int | None = None,
-    quality: int = 95,
+    config: BatchConfig,
     on_progress: OptionalCallback = None,
+    details: dict[str, Any] | None = None,
 ) -> Summary:
-    summary = Summary()
-    planned: dict[Path, Path] = {}
-    inputs = {item.path.resolve() for item in items}
-    report(on_progress, "files", 0, len(items))
-    for index, item in enumerate(items):
-        try:
-            _run_one(item, process, out_dir, settings, ext, suffix, overwrite, max_pixels, quality, summary, planned, inputs)
-        except (ImageError, ValueError) as exc:
-            summary.failed.append((str(item.path), str(exc)))
-        except MemoryError as exc:
-            summary.failed.append((str(item.path), f"{item.path}: {exc}"))
-        except OSError as exc:
-            summary.failed.append((str(item.path), f"{item.path}: cannot write output ({exc.strerror or exc})"))
-        report(on_progress, "files", index + 1, len(items), str(item.path))
-    return summary
+    """Process every input in this process, resuming from the output folder's manifest unless overwrite."""
+    recorder = Recorder(config, len(items), on_progress)
+    worker = FileWorker(config, recorder.manifest.records, OutputClaims(items), details)
+    for item in items:
+        recorder(worker(item, process))
+    return recorder.summary
 
 
-def _run_one(item, process, out_dir, settings, ext, suffix, overwrite, max_pixels, quality, summary, planned, inputs) -> None:
-    image = read_image(item.path, max_pixels=max_pixels)
-    target, note = output_path(item, out_dir, image, ext, suffix)
-    resolved = target.resolve()
-    if resolved in inputs:
-        raise ImageError(f"{item.path}: output {target} would overwrite an input; choose another -o or --suffix")
-    if resolved in planned:
-        raise ImageError(f"{item.path}: output {target} is also the output of {planned[resolved]}; use --ext auto or another --suffix")
-    planned[resolved] = item.path
-    if target.exists() and not overwrite:
-        summary.skipped.append(target)
-        return
-    if note:
-        summary.notes.append(note)
-    if image.frame_count > 1:
-        summary.notes.append(f"{item.path}: animated ({image.frame_count} frames): only the first frame was upscaled")
-    result = process(image)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_image(target, result, settings={**settings, "source": item.path.name}, quality=quality)
-    summary.written.append(target)
+def _recorded_source(path: Path) -> tuple[str, str] | None:
+    """(input hash, settings digest) that diffsr recorded in an output file, or None for other files."""
+    try:
+        settings = read_settings(path)
+    except Exception:  # unreadable or foreign files simply carry no record
+        return None
+    if not settings or "settings_digest" not in settings:
+        return None
+    return settings.get("source_sha256", ""), settings["settings_digest"]

@@ -40,15 +40,20 @@ def split_axis(length: int, tile: int, overlap: int) -> list[Span]:
 
 
 def feather(span: Span, scale: int, device: torch.device | None = None) -> torch.Tensor:
-    """1-D blending weights over the window of `span` at output resolution."""
+    """1-D blending weights over the window of `span` at output resolution.
+
+    Where a neighbour exists, the weight ramps linearly from 1 to 0 across a band of a quarter of
+    the overlap centred on the core's edge; the neighbour's ramp mirrors it, so the weights sum to
+    one. Pixels near a window's edge, which the cut has changed, never get any weight: a tile only
+    contributes where it is at least 7/8 of the overlap away from its own border.
+    """
     positions = torch.arange(span.lo * scale, span.hi * scale, device=device, dtype=torch.float32) + 0.5
     weight = torch.ones_like(positions)
-    left = (span.start - span.lo) * scale
-    right = (span.hi - span.stop) * scale
-    if left:
-        weight[:left] = (positions[:left] - span.lo * scale) / left
-    if right:
-        weight[weight.numel() - right :] = (span.hi * scale - positions[weight.numel() - right :]) / right
+    left, right = span.start - span.lo, span.hi - span.stop
+    for margin, distance in ((left, positions - span.start * scale), (right, span.stop * scale - positions)):
+        if margin:
+            band = max(margin / 4, 0.5) * scale
+            weight *= (distance / band + 0.5).clamp(0, 1)
     return weight
 
 

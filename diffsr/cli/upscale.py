@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from diffsr.batch import Summary, collect_inputs, run_batch
+from diffsr import __version__
+from diffsr.batch import BatchConfig, Summary, collect_inputs, run_batch
 from diffsr.io.image import DEFAULT_MAX_PIXELS
 from diffsr.models.defaults import DefaultModelError
 from diffsr.models.loading import WeightsError
@@ -44,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction, argv: list[str]) -> None:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="refuse inputs larger than this many pixels, a decompression-bomb guard; 0 = no limit (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    engine = parser.add_argument_group("scale-out")
+    engine.add_argument("--engine", choices=("local", "ray"), default="local", help="run here, or on Ray Data (default: %(default)s)")
+    engine.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
+    engine.add_argument("--workers", type=int, default=1, help="Ray actors, each with its own loaded model (default: %(default)s)")
+    engine.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor (default: %(default)s)")
+    engine.add_argument("--batch-size", type=int, default=1, help="images per Ray batch (default: %(default)s)")
     name = _method_in(argv)
     method = get_method(name if name in METHOD_MODULES else DEFAULT_METHOD)  # argparse reports a bad name
     group = parser.add_argument_group(f"options of --method {method.name}")
@@ -112,27 +119,15 @@ def run(args: argparse.Namespace) -> int:
     load_values = {o.name: values[o.name] for o in method.load_options().options}
     run_values = {o.name: values[o.name] for o in method.run_options().options}
     summary = Summary(failed=list(problems))
+    requested = {"diffsr": __version__, "method": method.name, **load_values, **run_values}
+    config = BatchConfig(args.output, requested, args.ext, args.suffix, args.overwrite, args.max_pixels or None, args.quality)
     if items:
+        bars = _Bars(args.quiet)
         try:
-            pipeline = method.load(**load_values)
+            batch = _run_engine(args, method, items, load_values, run_values, config, bars)
         except (WeightsError, DefaultModelError, ValueError, OSError) as exc:
             print(f"diffsr: {exc}", file=sys.stderr)
             return 1
-        settings = pipeline.settings(**run_values)
-        bars = _Bars(args.quiet)
-        try:
-            batch = run_batch(
-                items,
-                lambda image: pipeline.upscale(image, on_progress=bars, **run_values),
-                args.output,
-                settings,
-                ext=args.ext,
-                suffix=args.suffix,
-                overwrite=args.overwrite,
-                max_pixels=args.max_pixels or None,
-                quality=args.quality,
-                on_progress=bars,
-            )
         finally:
             bars.close()
         batch.failed[:0] = summary.failed
@@ -140,6 +135,17 @@ def run(args: argparse.Namespace) -> int:
     for line in summary.lines():
         print(line, file=sys.stderr if "failed:" in line else sys.stdout)
     return 0 if summary.ok else 1
+
+
+def _run_engine(args, method, items, load_values, run_values, config: BatchConfig, bars: _Bars) -> Summary:
+    if args.engine == "ray":
+        from diffsr.ray_engine import run_batch_ray
+
+        return run_batch_ray(items, method.name, load_values, run_values, config, args.address, args.workers,
+                             args.num_gpus_per_worker, args.batch_size, bars)
+    pipeline = method.load(**load_values)
+    process = lambda image: pipeline.upscale(image, on_progress=bars, **run_values)  # noqa: E731
+    return run_batch(items, process, config, bars, details=pipeline.settings(**run_values))
 
 
 def _writable(folder: Path) -> bool:

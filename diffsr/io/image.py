@@ -92,9 +92,14 @@ class ImageData:
 
 def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageData:
     """Decode an image file; raises ImageError with a one-line reason on any problem."""
+    return decode_image(read_file(path), name=str(path), max_pixels=max_pixels)
+
+
+def read_file(path: str | Path) -> bytes:
+    """A file's bytes, or an ImageError that says why they cannot be had."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except IsADirectoryError:
         raise ImageError(f"{path}: is a folder, not an image (pass --recursive to upscale a folder's images)") from None
     except FileNotFoundError:
@@ -103,7 +108,6 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         raise ImageError(f"{path}: permission denied; check the file's read permission") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    return decode_image(data, name=str(path), max_pixels=max_pixels)
 
 
 def decode_image(data: bytes, name: str = "<image>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageData:
