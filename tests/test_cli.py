@@ -134,6 +134,7 @@ def test_models_lists_the_default_models(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "realesrgan-x4plus" in out and "installed" in out and "feedforward" in out
+    assert "osediff.pkl" in out and "SUPIR-v0Q.ckpt" in out  # the files each diffusion method needs
 
 
 def test_console_script_upscales_the_sample_with_the_default_model(tmp_path):

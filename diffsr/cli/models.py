@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from diffsr.diffusion.weights import METHOD_WEIGHTS, method_weight_files
 from diffsr.models.defaults import DEFAULT_MODELS, DefaultModelError, ncnn_files
 from diffsr.registry import list_methods
 
@@ -19,6 +20,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {method.name:<14} {method.summary}  [licence: {method.licence}]")
         for weight in method.weights:
             print(f"      needs --{weight.option.replace('_', '-')} {weight.filename}  (from {weight.source})")
+    print("diffusion methods (ports in progress; the files each needs, which you download yourself):")
+    for name in METHOD_WEIGHTS:
+        print(f"  {name}")
+        for weight in method_weight_files(name):
+            print(f"      --{weight.option.replace('_', '-')} {weight.filename}  (from {weight.source}; {weight.licence})")
     print("built-in models (method feedforward, --model NAME):")
     for model in DEFAULT_MODELS.values():
         try:
