@@ -251,10 +251,10 @@ def test_a_crashing_job_fails_with_its_reason_and_the_server_keeps_serving(tmp_p
 
 def test_results_expire_and_their_files_are_deleted(tmp_path, gate):
     gate.open.set()
-    with client_for(tmp_path, result_ttl=0.3) as client:
+    with client_for(tmp_path, result_ttl=1.5) as client:
         job_id = submit(client, image_bytes(), method="gated", steps=1).json()["id"]
         status = finished(client, job_id)
-        assert status["expires"] == pytest.approx(status["finished"] + 0.3)
+        assert status["expires"] == pytest.approx(status["finished"] + 1.5)
         job_dir = tmp_path / "work" / job_id
         assert (job_dir / "result.png").is_file()
         wait_for(lambda: client.get(f"/api/jobs/{job_id}").status_code == 410, timeout=10)
