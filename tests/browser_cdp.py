@@ -49,11 +49,12 @@ class Chromium:
             os.dup2(child_in, 3)
             os.dup2(child_out, 4)
 
-        self.process = subprocess.Popen(
-            [executable, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-pipe", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            close_fds=False, preexec_fn=wire_pipes,
-        )
+        self.log_path = Path(self.profile) / "chromium.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [executable, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-pipe", "about:blank"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=False, preexec_fn=wire_pipes,
+            )
         os.close(child_in)
         os.close(child_out)
         self._write, self._read = to_browser_w, from_browser_r
@@ -70,6 +71,8 @@ class Chromium:
         deadline = time.monotonic() + self.timeout
         while True:
             reply = self._receive(deadline)
+            if reply.get("method") == "Inspector.targetCrashed":
+                raise RuntimeError(f"the page's renderer crashed (while waiting for {method}); Chromium's log ends:\n{self.log_tail()}")
             if reply.get("id") == self._next_id:
                 if "error" in reply:
                     raise RuntimeError(f"{method}: {reply['error']}")
@@ -88,6 +91,9 @@ class Chromium:
         message, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(message)
 
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
     def close(self) -> None:
         try:
             self.call("Browser.close")
@@ -100,8 +106,6 @@ class Chromium:
             self.process.wait(10)
         for fd in (self._write, self._read):
             os.close(fd)
-        if self.process.stderr:
-            self.process.stderr.close()
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
@@ -137,7 +141,8 @@ class Page:
     def set_file(self, selector: str, path: Path) -> None:
         root = self.call("DOM.getDocument")["root"]["nodeId"]
         node = self.call("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
-        self.call("DOM.setFileInputFiles", {"nodeId": node, "files": [str(path)]})
+        # an absolute path: with a relative one Chromium kills the renderer for a "bad IPC message"
+        self.call("DOM.setFileInputFiles", {"nodeId": node, "files": [str(Path(path).resolve())]})
 
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False})["data"]
@@ -157,8 +162,13 @@ class Page:
         return found
 
 
-def upscale_in_page(base_url: str, image: Path, model: str, screenshot: Path, executable: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Open the page, pick `model`, upload `image`, wait for the comparison, screenshot it; returns what the page shows."""
+def upscale_in_page(
+    base_url: str, image: Path, model: str, screenshot: Path, executable: str, timeout: float = 60.0, tile: int = 0
+) -> dict[str, Any]:
+    """Open the page, pick `model` and `tile`, upload `image`, wait for the comparison, screenshot it.
+
+    Returns what the page shows, and every status line seen while waiting.
+    """
     browser = Chromium(executable)
     try:
         page = Page(browser)
@@ -166,11 +176,16 @@ def upscale_in_page(base_url: str, image: Path, model: str, screenshot: Path, ex
         page.wait_for("document.body && document.body.dataset.ready === 'true'")
         page.evaluate(
             "(() => { const s = document.getElementById('opt-model');"
-            f" s.value = JSON.stringify({json.dumps(model)}); s.dispatchEvent(new Event('change')); return s.value; }})()"
+            f" s.value = JSON.stringify({json.dumps(model)}); s.dispatchEvent(new Event('change'));"
+            f" document.getElementById('opt-tile').value = {int(tile)}; return s.value; }})()"
         )
         page.set_file("#file", image)
         page.wait_for("!document.getElementById('start').disabled")
-        page.evaluate("document.getElementById('start').click()")
+        page.evaluate(
+            "window.seenStatus = []; new MutationObserver(() => window.seenStatus.push("
+            "document.getElementById('status').textContent)).observe(document.getElementById('status'), "
+            "{childList: true, characterData: true, subtree: true}); document.getElementById('start').click()"
+        )
         page.wait_for(
             "(() => { const a = document.getElementById('after'); const s = document.getElementById('status').textContent;"
             " return s.startsWith('failed') || s.startsWith('cancelled') ||"
@@ -183,8 +198,8 @@ def upscale_in_page(base_url: str, image: Path, model: str, screenshot: Path, ex
             " const r = $('compare').getBoundingClientRect();"
             " return { status: $('status').textContent, after: [a.naturalWidth, a.naturalHeight], before: [b.naturalWidth, b.naturalHeight],"
             " compareHidden: $('compare').hidden, box: [r.x, r.y, r.width, r.height], download: $('download').getAttribute('href'),"
-            " sizes: $('sizes').textContent, progress: $('progress').value,"
-            " recent: [...document.querySelectorAll('#recent li .state')].map((e) => e.textContent) }; })()"
+            " sizes: $('sizes').textContent, progress: Number($('progress').dataset.value),"
+            " recent: [...document.querySelectorAll('#recent li .state')].map((e) => e.textContent), seen: window.seenStatus }; })()"
         )
         page.screenshot(screenshot)
         shown["errors"] = page.errors()

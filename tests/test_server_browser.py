@@ -30,7 +30,7 @@ def test_page_uploads_an_image_and_shows_the_comparison(tmp_path, chromium):
     config = ServerConfig(model_dir=tiny_model_dir(tmp_path / "models"), work_dir=tmp_path / "work")
     screenshot = tmp_path / "server-page.png"
     with live_server(config) as base:
-        shown = upscale_in_page(base, image, "tiny.pth", screenshot, chromium)
+        shown = upscale_in_page(base, image, "tiny.pth", screenshot, chromium, tile=16)
     print(f"screenshot: {screenshot}")
     assert shown["errors"] == [], shown["errors"]
     assert shown["status"] == "done", shown
@@ -40,6 +40,7 @@ def test_page_uploads_an_image_and_shows_the_comparison(tmp_path, chromium):
     assert shown["sizes"] == "48×40 → 192×160"
     assert shown["download"].startswith("/api/jobs/") and shown["download"].endswith("/result")
     assert shown["progress"] == 1
+    assert any(line.startswith("running: tiles") for line in shown["seen"]), shown["seen"]
     assert shown["recent"] and shown["recent"][0] == "done"
 
     picture = np.asarray(Image.open(screenshot).convert("RGB"), dtype=np.float32)

@@ -41,6 +41,16 @@ function describe(response, body) {
   return text;
 }
 
+function setProgress(fraction) {
+  // null: busy for an unknown time (loading, queued); else 0..1
+  const bar = $("progress");
+  bar.classList.toggle("busy", fraction === null);
+  const percent = fraction === null ? 0 : Math.round(fraction * 100);
+  bar.style.setProperty("--done", `${percent}%`);
+  bar.setAttribute("aria-valuenow", String(percent));
+  bar.dataset.value = fraction === null ? "" : String(fraction);
+}
+
 function showError(text) {
   $("error").textContent = text || "";
   $("error").hidden = !text;
@@ -201,7 +211,7 @@ function follow(id, beforeUrl) {
   if (state.events) state.events.close();
   state.job = { id, beforeUrl };
   $("progress-box").hidden = false;
-  $("progress").value = 0;
+  setProgress(0);
   $("status").textContent = "submitted";
   $("cancel").hidden = false;
   const events = new EventSource(`/api/jobs/${id}/events`);
@@ -220,17 +230,17 @@ async function refresh(id) {
 
 function update(job) {
   if (!state.job || job.id !== state.job.id) return;
-  const bar = $("progress");
   let text = job.state;
   if (job.state === "queued") {
-    bar.removeAttribute("value");
+    setProgress(null);
     text = job.queue_position ? `queued (position ${job.queue_position})` : "queued";
   } else if (job.state === "running") {
-    if (job.total) { bar.value = job.progress; } else { bar.removeAttribute("value"); }
+    setProgress(job.total ? job.progress : null);
     text = `running: ${job.stage || "starting"}` + (job.total ? ` ${job.done}/${job.total}` : "");
     if (job.cancel_requested) text += " (cancelling…)";
   } else {
-    bar.value = job.state === "done" ? 1 : bar.value || 0;
+    const bar = $("progress");
+    setProgress(job.state === "done" ? 1 : Number(bar.dataset.value || 0));
     if (job.error) text += `: ${job.error}`;
   }
   $("status").textContent = text;
