@@ -314,6 +314,14 @@ def test_serve_command_is_registered_and_checks_its_model_dir(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
+def test_the_token_can_come_from_the_environment(monkeypatch):
+    from diffsr.cli.main import build_parser
+
+    monkeypatch.setenv("DIFFSR_SERVER_TOKEN", "from-env")
+    assert build_parser(["serve"]).parse_args(["serve"]).token == "from-env"
+    assert build_parser(["serve"]).parse_args(["serve", "--token", "given"]).token == "given"
+
+
 def test_the_page_and_its_assets_are_served(tmp_path):
     with client_for(tmp_path) as client:
         page = client.get("/")
