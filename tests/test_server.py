@@ -213,6 +213,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_no_job(tmp_path, ga
         refused = submit(client, image_bytes(), method="gated", steps=1)
         assert refused.status_code == 503
         assert int(refused.headers["retry-after"]) >= 1
+        assert submit(client, b"not an image").status_code == 503, "a full queue refuses before decoding"
         gate.open.set()
         ids = [running] + [r.json()["id"] for r in queued]
         assert [finished(client, i)["state"] for i in ids] == ["done"] * 3

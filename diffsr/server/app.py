@@ -199,13 +199,14 @@ def create_app(config: ServerConfig = ServerConfig()) -> FastAPI:
             request = parse_options(options, catalogue, config.device)
         except FieldError as exc:
             return _field_error(exc)
-        data = await image.read()
         name = _display_name(image.filename)
         try:
-            decoded = await run_in_threadpool(decode_image, data, name, config.max_pixels)
-        except ImageError as exc:
-            raise HTTPException(_image_status(str(exc)), str(exc)) from None
-        try:
+            manager.check_room()  # no decoding work for a submission that would be refused
+            data = await image.read()
+            try:
+                decoded = await run_in_threadpool(decode_image, data, name, config.max_pixels)
+            except ImageError as exc:
+                raise HTTPException(_image_status(str(exc)), str(exc)) from None
             job = await run_in_threadpool(
                 manager.submit, request.method.name, request.load_values, request.run_values, decoded, data, name,
                 request.output_format, request.shown_options,

@@ -249,6 +249,12 @@ class JobManager:
         self._changed(job)
         return job
 
+    def check_room(self) -> None:
+        """Raise QueueFull now if a submission would be refused, before the upload is decoded."""
+        with self._cond:
+            if self._closing or len(self._queue) >= self.max_queue:
+                raise QueueFull(self._retry_after())
+
     def get(self, job_id: str) -> Job | None:
         with self._cond:
             return self._jobs.get(job_id)
