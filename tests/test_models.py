@@ -114,6 +114,10 @@ def test_bad_weight_files_name_the_problem(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:500])
     with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
         load_checkpoint(truncated)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(garbage)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{bad json}      ")
     with pytest.raises(WeightsError, match="safetensors"):

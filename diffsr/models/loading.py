@@ -37,7 +37,7 @@ def load_checkpoint(path: str | Path) -> dict:
             f"{path}: holds Python objects that only arbitrary unpickling could load, which diffsr refuses "
             f"because it can run code ({str(exc).splitlines()[0][:120]}); convert it to safetensors where you trust it"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, IndexError, KeyError, ValueError) as exc:  # torch.load on garbage
         raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({exc}); it may be truncated, download it again") from None
     if not isinstance(content, dict):
         raise WeightsError(f"{path}: expected a dict of tensors, found {type(content).__name__}")
