@@ -33,6 +33,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # not a class reference: the bytes are no checkpoint at all
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint (corrupt or another kind of file); download it again") from None
         raise WeightsError(
             f"{path}: holds Python objects that only arbitrary unpickling could load, which diffsr refuses "
             f"because it can run code ({str(exc).splitlines()[0][:120]}); convert it to safetensors where you trust it"
