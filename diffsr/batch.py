@@ -58,15 +58,19 @@ class Summary:
         return out
 
 
-def collect_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[InputFile], list[tuple[str, str]]]:
+def collect_inputs(
+    inputs: list[str], recursive: bool = False, exclude: Callable[[Path], bool] | None = None
+) -> tuple[list[InputFile], list[tuple[str, str]]]:
     """Files, folders (their images; sub-folders with `recursive`), glob patterns and .txt/.lst lists of
-    paths, in a stable order, each file once."""
+    paths, in a stable order, each file once, leaving out the (resolved) paths `exclude` accepts."""
     found: list[InputFile] = []
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()
 
     def add(path: Path, relative: Path) -> None:
         key = path.resolve()
+        if exclude is not None and exclude(key):
+            return
         if key not in seen:
             seen.add(key)
             found.append(InputFile(path, relative))
@@ -97,6 +101,12 @@ def collect_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[Inp
         else:
             problems.append((text, f"{text}: no such file or folder"))
     return found, problems
+
+
+def own_outputs(out_dir: Path) -> Callable[[Path], bool]:
+    """Tells the files an earlier run recorded as outputs in `out_dir`, so they are never read back as inputs."""
+    outputs = {(out_dir / r.output).resolve() for r in Manifest.read(out_dir).values() if r.output}
+    return outputs.__contains__
 
 
 def _read_list(list_file: Path) -> tuple[list[Path], list[tuple[str, str]]]:

@@ -51,20 +51,26 @@ class Manifest:
         self.out_dir, self.records = out_dir, records
         self.path = out_dir / MANIFEST_NAME
 
-    @classmethod
-    def open(cls, out_dir: Path, fresh: bool = False) -> Manifest:
-        """Read the manifest of `out_dir` (`fresh` starts a new one) and clear temporary files a kill left."""
+    @staticmethod
+    def read(out_dir: Path) -> dict[str, Record]:
+        """The latest record of each input in `out_dir`'s manifest (none if there is no manifest)."""
         path = out_dir / MANIFEST_NAME
         records: dict[str, Record] = {}
-        if fresh:
-            path.unlink(missing_ok=True)
-        elif path.is_file():
+        if path.is_file():
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     record = Record(**json.loads(line))
                 except (ValueError, TypeError):
                     continue  # a line torn by a kill
                 records[record.input] = record
+        return records
+
+    @classmethod
+    def open(cls, out_dir: Path, fresh: bool = False) -> Manifest:
+        """Read the manifest of `out_dir` (`fresh` starts a new one) and clear temporary files a kill left."""
+        if fresh:
+            (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        records = {} if fresh else cls.read(out_dir)
         for leftover in out_dir.rglob(".*.part"):
             leftover.unlink(missing_ok=True)
         return cls(out_dir, records)

@@ -161,3 +161,14 @@ def test_a_text_file_lists_the_inputs(tmp_path, model, capsys):
     assert _upscale(str(listing), "-o", str(out), "--model", model) == 1
     assert (out / "x_out.png").is_file() and (out / "y_out.png").is_file()
     assert "todo.txt:5: pics/gone.png: no such file" in capsys.readouterr().err
+
+
+def test_outputs_are_never_read_back_as_inputs(tmp_path, model, capsys):
+    for case, inside in (("nested", "upscaled"), ("same", "")):  # an output folder inside the inputs, or the same folder
+        photos = tmp_path / case
+        _photo(photos / "a.png")
+        out = photos / inside
+        for _ in range(2):
+            assert _upscale(str(photos), "--recursive", "-o", str(out), "--model", model) == 0
+        assert "written 0, skipped 1 " in capsys.readouterr().out.splitlines()[-1]
+        assert sorted(p.name for p in out.iterdir() if p.name.endswith("_out.png")) == ["a_out.png"]

@@ -62,14 +62,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"diffsr: {exc}", file=sys.stderr)
         return 2
     out: Path = args.output
-    items, problems = collect_inputs(args.inputs, recursive=args.recursive)
+    inside = out.resolve()
+    items, problems = collect_inputs(args.inputs, recursive=args.recursive, exclude=lambda path: inside in path.parents)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         print(f"diffsr: cannot create output folder {out}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    out_resolved = out.resolve()
-    items = [item for item in items if out_resolved not in item.path.resolve().parents]  # never re-read our own outputs
     bar = ProgressBars(args.quiet)
     try:
         runner = None

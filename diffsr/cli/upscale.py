@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from diffsr import __version__
-from diffsr.batch import BatchConfig, Summary, collect_inputs, run_batch
+from diffsr.batch import BatchConfig, Summary, collect_inputs, own_outputs, run_batch
 from diffsr.cli.bars import ProgressBars
 from diffsr.cli.engine import add_engine_arguments
 from diffsr.io.image import DEFAULT_MAX_PIXELS
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     except OptionError as exc:
         print(f"diffsr: {exc}", file=sys.stderr)
         return 2
-    items, problems = collect_inputs(args.inputs + args.extra_inputs, recursive=args.recursive)
+    items, problems = collect_inputs(args.inputs + args.extra_inputs, recursive=args.recursive, exclude=own_outputs(args.output))
     if not items and not problems:
         print("diffsr: no inputs given; pass image files, folders or globs", file=sys.stderr)
         return 2
