@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 import torch
@@ -33,9 +33,9 @@ from diffsr.tiling import MIN_TILE, TiledRunner
 
 AlphaUpsampler = Literal["model", "bicubic"]
 ImageInput = Union[Image.Image, np.ndarray, ImageData, str, Path]
-T = TypeVar("T")
 
-# Rough activation memory of a tile relative to a plain convolutional net; attention models need more.
+# Rough activation memory of a tile relative to a plain convolutional net (by spandrel architecture id);
+# attention models need more.
 _MEMORY_FACTOR = {"SwinIR": 4.0, "Swin2SR": 4.0, "HAT": 6.0, "DAT": 6.0, "ATD": 6.0, "DRCT": 6.0, "RGT": 6.0, "GRL": 6.0}
 _AUTO_TILE_CAP = 1024
 # Tile overlap (input pixels) that keeps tiled output within 1/255 of the untiled one: measured for
@@ -232,7 +232,7 @@ class Upscaler:
         if self.descriptor.tiling == spandrel.ModelTiling.INTERNAL:
             return max(height, width)
         elem = torch.finfo(self.dtype).bits // 8
-        factor = _MEMORY_FACTOR.get(self.info.architecture, 1.0)
+        factor = _MEMORY_FACTOR.get(self.descriptor.architecture.id, 1.0)
         per_pixel = elem * 64 * (4 + 3 * self.info.network_scale**2) * factor
         budget = available_memory(self.device) * _MEMORY_SHARE
         side = int((budget / per_pixel) ** 0.5)
