@@ -1,7 +1,9 @@
 """Running a method over many files: input collection, output naming, per-file errors, a summary.
 
 A bad file never stops the batch: it is reported with its reason and the rest go on. Outputs are
-written atomically next to nothing but their final name, and an input is never overwritten.
+written atomically (a temporary file beside the final name, then a rename), an input is never
+overwritten, and the output folder's manifest (diffsr.manifest) lets a rerun resume where a killed
+run stopped. The per-file work (FileWorker) is the same for the local loop and the Ray engine.
 """
 
 from __future__ import annotations
