@@ -50,18 +50,23 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--model", default="realesrgan-x4plus")
     args = parser.parse_args()
-    runs = [("local", []), ("ray, 1 worker", ["--engine", "ray", "--workers", "1"]), ("ray, 2 workers", ["--engine", "ray", "--workers", "2"])]
+    runs = [
+        ("local", []),
+        ("ray, 1 worker", ["--engine", "ray", "--workers", "1"]),
+        ("ray, 2 workers", ["--engine", "ray", "--workers", "2"]),
+        ("ray, 1 worker, batch 8", ["--engine", "ray", "--workers", "1", "--batch-size", "8"]),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
         src.mkdir()
         make_inputs(src, args.count, args.size)
         print(f"{args.count} images of {args.size}x{args.size}, {args.model}, default dtype")
-        print(f"{'engine':<16} {'whole run s':>12} {'images/s (whole)':>17} {'images/s (after first)':>23}")
+        print(f"{'engine':<24} {'whole run s':>12} {'images/s (whole)':>17} {'images/s (after first)':>23}")
         rates = {}
         for label, extra in runs:
             total, steady = timed_run(src, Path(tmp) / label.replace(" ", "_").replace(",", ""), args.model, extra)
             rates[label] = (args.count - 1) / steady if steady > 0 else float("nan")
-            print(f"{label:<16} {total:>12.1f} {args.count / total:>17.2f} {rates[label]:>23.2f}")
+            print(f"{label:<24} {total:>12.1f} {args.count / total:>17.2f} {rates[label]:>23.2f}")
         overhead = 1 / rates["ray, 1 worker"] - 1 / rates["local"]
         print(f"per-image overhead of Ray with 1 worker over the local engine: {overhead * 1000:.0f} ms")
 
