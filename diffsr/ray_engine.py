@@ -74,9 +74,18 @@ def _expected_target(item: InputFile, config: BatchConfig) -> Path:
     return config.out_dir / item.relative.parent / f"{stem}.{ext}"
 
 
-def _start(address: str | None):
-    import ray
+def require_ray():
+    """The ray module, or a one-line error saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ValueError("--engine ray needs Ray Data, which is not installed: pip install 'diffsr[ray]'") from None
+    return ray
 
+
+def _start(address: str | None):
+    ray = require_ray()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()

@@ -172,3 +172,12 @@ def test_outputs_are_never_read_back_as_inputs(tmp_path, model, capsys):
             assert _upscale(str(photos), "--recursive", "-o", str(out), "--model", model) == 0
         assert "written 0, skipped 1 " in capsys.readouterr().out.splitlines()[-1]
         assert sorted(p.name for p in out.iterdir() if p.name.endswith("_out.png")) == ["a_out.png"]
+
+
+def test_engine_ray_without_ray_says_how_to_install_it(tmp_path, model, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    source = _photo(tmp_path / "a.png")
+    assert _upscale(str(source), "-o", str(tmp_path / "o"), "--model", model, "--engine", "ray") == 1
+    assert "pip install 'diffsr[ray]'" in capsys.readouterr().err
+    assert main(["degrade", str(source), "-o", str(tmp_path / "p"), "--engine", "ray", "-q"]) == 2
+    assert "pip install 'diffsr[ray]'" in capsys.readouterr().err

@@ -73,8 +73,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         runner = None
         if args.engine == "ray":
-            from diffsr.ray_engine import ray_pair_runner
+            from diffsr.ray_engine import ray_pair_runner, require_ray
 
+            try:
+                require_ray()
+            except ValueError as exc:
+                print(f"diffsr: {exc}", file=sys.stderr)
+                return 2
             runner = ray_pair_runner(out, degrader, values["seed"], values["crop"], args.ray_batch_size or values["batch_size"],
                                      args.max_pixels or None, args.address, args.workers, args.num_gpus_per_worker)
         summary = make_pairs(items, out, degrader, seed=values["seed"], crop=values["crop"], batch_size=values["batch_size"],
