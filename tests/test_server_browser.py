@@ -40,9 +40,9 @@ def test_page_uploads_an_image_and_shows_the_comparison(tmp_path, chromium):
     assert shown["sizes"] == "48×40 → 192×160"
     assert shown["download"].startswith("/api/jobs/") and shown["download"].endswith("/result")
     assert shown["progress"] == 1
-    # the event stream fed the page a running state before "done" (which stage depends on timing: a
-    # tiny model may finish its tiles before the page subscribes, leaving only the encoding stage)
-    assert any(line.startswith("running") for line in shown["seen"]), shown["seen"]
+    # Which intermediate states the page shows depends on timing (a tiny job can finish before the page
+    # subscribes); the event stream's progress is checked deterministically in test_server.py.
+    assert shown["seen"][-1] == "done", shown["seen"]
     assert shown["recent"] and shown["recent"][0] == "done"
 
     picture = np.asarray(Image.open(screenshot).convert("RGB"), dtype=np.float32)
