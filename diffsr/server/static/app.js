@@ -346,10 +346,15 @@ function renderRecent() {
   }
 }
 
+const FINAL_STATES = ["done", "failed", "cancelled"];
+
 function refreshRecentItem(job) {
   const item = $("recent").querySelector(`li[data-id="${CSS.escape(job.id)}"]`);
   if (!item) return;
   const badge = item.querySelector(".state");
+  // A status fetched before the job finished can arrive after the stream said it finished: a job never
+  // leaves a final state, so such a late answer is stale and must not overwrite the badge.
+  if (FINAL_STATES.some((s) => badge.classList.contains(s)) && !FINAL_STATES.includes(job.state)) return;
   badge.textContent = job.state === "running" && job.total ? `running ${Math.round(job.progress * 100)}%` : job.state;
   badge.className = `state ${job.state}`;
   item.querySelector("button").disabled = !["done", "queued", "running"].includes(job.state);
