@@ -130,17 +130,19 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in READABLE_SUFFIXES and not path.name.startswith(".")
 
 
-def output_path(item: InputFile, out_dir: Path, image: ImageData, ext: str, suffix: str) -> tuple[Path, str | None]:
+def output_path(
+    item: InputFile, out_dir: Path, source_format: str | None, has_alpha: bool, ext: str, suffix: str
+) -> tuple[Path, str | None]:
     """Where an input's output goes, `{name}_{suffix}.{ext}`, and a note if the format had to change."""
     note = None
     if ext == "auto":
-        target = SUFFIX_BY_FORMAT.get(image.format or "", "png")
+        target = SUFFIX_BY_FORMAT.get(source_format or "", "png")
     else:
         target = ext.lower().lstrip(".")
     fmt = FORMAT_BY_SUFFIX.get(f".{target}")
     if fmt is None:
         raise ImageError(f"--ext {ext}: cannot write that format; use auto, png, jpg, webp, tif or bmp")
-    if image.alpha is not None and fmt not in ALPHA_FORMATS:
+    if has_alpha and fmt not in ALPHA_FORMATS:
         note = f"{item.path}: has transparency, which {fmt} cannot store: written as PNG"
         target = "png"
     stem = f"{item.relative.stem}_{suffix}" if suffix else item.relative.stem
@@ -216,7 +218,7 @@ class FileWorker:
         if done and done.state == "done" and done.sha256 == sha and done.settings == self.digest and _intact(config.out_dir, done):
             return Outcome(item, "skipped", target=config.out_dir / done.output)
         image = decode_image(data, name=str(item.path), max_pixels=config.max_pixels)
-        target, note = output_path(item, config.out_dir, image, config.ext, config.suffix)
+        target, note = output_path(item, config.out_dir, image.format, image.alpha is not None, config.ext, config.suffix)
         if self.claim:
             self.claim(item, target)
         relative = str(target.relative_to(config.out_dir))
@@ -238,12 +240,16 @@ class FileWorker:
         return Outcome(item, "written", record, target, notes=tuple(notes))
 
     def _failed(self, item: InputFile, reason: str) -> Outcome:
-        try:
-            size = item.path.stat().st_size
-        except OSError:
-            size = -1
-        record = Record(str(item.path.resolve()), size, "", self.digest, None, "failed", reason)
-        return Outcome(item, "failed", record, reason=reason)
+        return failure(item, reason, self.digest)
+
+
+def failure(item: InputFile, reason: str, digest: str) -> Outcome:
+    """A failed outcome, recorded so the manifest says why (a rerun retries it)."""
+    try:
+        size = item.path.stat().st_size
+    except OSError:
+        size = -1
+    return Outcome(item, "failed", Record(str(item.path.resolve()), size, "", digest, None, "failed", reason), reason=reason)
 
 
 def _intact(out_dir: Path, record: Record) -> bool:

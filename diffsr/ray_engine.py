@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from diffsr.batch import BatchConfig, FileWorker, InputFile, Outcome, OutputClaims, Recorder, Summary
-from diffsr.io.image import FORMAT_BY_SUFFIX, ImageError, SUFFIX_BY_FORMAT
+from diffsr.batch import BatchConfig, FileWorker, InputFile, Outcome, OutputClaims, Recorder, Summary, failure, output_path
+from diffsr.io.image import FORMAT_BY_SUFFIX, ImageError
 from diffsr.manifest import Record
 from diffsr.progress import OptionalCallback
 
@@ -65,13 +65,9 @@ def _decode(item: InputFile, text: str) -> Outcome:
 
 def _expected_target(item: InputFile, config: BatchConfig) -> Path:
     """The output name an input will get, from its suffix (the actors decide the rare alpha-to-PNG case)."""
-    if config.ext == "auto":
-        fmt = FORMAT_BY_SUFFIX.get(item.path.suffix.lower(), "PNG" if item.path.suffix.lower() == ".gif" else None)
-        ext = SUFFIX_BY_FORMAT.get(fmt or "", "png")
-    else:
-        ext = config.ext.lower().lstrip(".")
-    stem = f"{item.relative.stem}_{config.suffix}" if config.suffix else item.relative.stem
-    return config.out_dir / item.relative.parent / f"{stem}.{ext}"
+    suffix = item.path.suffix.lower()
+    source_format = "GIF" if suffix == ".gif" else FORMAT_BY_SUFFIX.get(suffix)
+    return output_path(item, config.out_dir, source_format, False, config.ext, config.suffix)[0]
 
 
 def require_ray():
@@ -132,7 +128,7 @@ def run_batch_ray(
             claims(item, _expected_target(item, config))
             todo.append(item)
         except ImageError as exc:
-            recorder(FileWorker(config, {})._failed(item, str(exc)))
+            recorder(failure(item, str(exc), config.digest))
     kwargs = {"method": method, "load_values": load_values, "run_values": run_values, "config": config,
               "finished": recorder.manifest.records}
     for item, text in _stream(todo, _MethodActor, kwargs, workers, num_gpus_per_worker, batch_size, address) if todo else ():
