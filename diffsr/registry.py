@@ -4,12 +4,16 @@ Each method module defines `METHOD`, a `Method`: its option schema (load-time an
 options), licence, the weight files it needs, and a `load(**load_options)` that returns a
 pipeline with `upscale(image: ImageData, on_progress=None, **run_options) -> ImageData` and
 `settings(**run_options) -> dict`. The CLI, the Python API and the server read this registry.
+A method whose official checkpoints are pickles also gives `convert(path) -> {name: tensor}`, the
+state dict `diffsr convert` writes as safetensors (which its `load` then accepts in place of the
+original); one with a training recipe names its module in `TRAINERS` (diffsr.train).
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from diffsr.options import OptionSet
@@ -35,6 +39,8 @@ class Method:
     load: Callable[..., Any]
     licence: str
     weights: tuple[WeightFile, ...] = field(default=())
+    convert: Callable[[Path], dict[str, Any]] | None = None
+    """Reads an official checkpoint safely and returns the tensors to store as safetensors."""
 
     def load_options(self) -> OptionSet:
         return OptionSet(tuple(o for o in self.options.options if o.stage == "load"), self.options.licence)
