@@ -100,8 +100,8 @@ def accuracy() -> None:
 
     vae = tiny_vae(seed=0)
     gen = torch.Generator().manual_seed(0)
-    image = torch.rand(1, 3, 128, 128, generator=gen) * 2 - 1
-    latent = torch.randn(1, 4, 32, 32, generator=gen)
+    image = torch.rand(1, 3, 256, 256, generator=gen) * 2 - 1
+    latent = torch.randn(1, 4, 64, 64, generator=gen)
     print("accuracy, tiny random VAE (|tiled - untiled| max / mean; outputs reach ~1-2)")
     print(f"{'part':<9}{'tile':>5}{'halo':>6}{'shared stats':>24}{'sampled (4 tiles)':>24}{'independent tiles':>24}")
     cases = [("encoder", vae.encoder, image, 64, halo, 8, 1 / 8, tiled_encoder) for halo in (16, 32)]

@@ -176,7 +176,7 @@ def load_method(spec: MethodSpec, scale: float) -> tuple[Any, dict[str, Any]]:
     load_values, run_values = method_values(spec)
     if spec.method == BASELINE:
         return BicubicBaseline(load_values.get("scale", scale)), {}
-    return get_method(spec.method).load(**load_values), run_values
+    return get_method(spec.method).open(**load_values), run_values
 
 
 def run_method(

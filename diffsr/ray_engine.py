@@ -31,7 +31,7 @@ class _MethodActor:
         from diffsr.registry import get_method
 
         torch.set_num_threads(max(1, threads))
-        self.pipeline = get_method(method).load(**load_values)
+        self.pipeline = get_method(method).open(**load_values)
         self.run_values = run_values
         self.worker = FileWorker(config, finished, details=self.pipeline.settings(**run_values))
 

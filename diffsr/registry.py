@@ -42,6 +42,15 @@ class Method:
     convert: Callable[[Path], dict[str, Any]] | None = None
     """Reads an official checkpoint safely and returns the tensors to store as safetensors."""
 
+    def open(self, **load_values: Any) -> Any:
+        """`load` with each weights option (a path, or a file name in diffsr's weights folder) resolved."""
+        from diffsr.hub import find_weights
+
+        for option in {weight.option for weight in self.weights}:
+            if load_values.get(option) not in (None, ""):
+                load_values[option] = str(find_weights(load_values[option]))
+        return self.load(**load_values)
+
     def load_options(self) -> OptionSet:
         return OptionSet(tuple(o for o in self.options.options if o.stage == "load"), self.options.licence)
 

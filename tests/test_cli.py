@@ -134,7 +134,28 @@ def test_models_lists_the_default_models(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "realesrgan-x4plus" in out and "installed" in out and "feedforward" in out
-    assert "osediff.pkl" in out and "SUPIR-v0Q.ckpt" in out  # the files each diffusion method needs
+    assert "osediff" in out and "supir" in out
+
+
+def test_weights_found_by_name_in_the_weights_folder(tmp_path, monkeypatch):
+    from diffsr.hub import find_weights, weights_dir
+
+    monkeypatch.setenv("DIFFSR_HOME", str(tmp_path / "home"))
+    assert find_weights("osediff.pkl") == Path("osediff.pkl")  # nowhere: left for the loader to report
+    weights_dir().mkdir(parents=True)
+    (weights_dir() / "osediff.pkl").write_bytes(b"x")
+    assert find_weights("osediff.pkl") == tmp_path / "home" / "weights" / "osediff.pkl"
+    local = tmp_path / "osediff.pkl"
+    local.write_bytes(b"y")
+    assert find_weights(local) == local  # an existing path wins
+
+
+def test_convert_refuses_methods_without_checkpoints(tmp_path, capsys):
+    source = tmp_path / "model.pth"
+    source.write_bytes(b"x")
+    assert main(["convert", "--method", "feedforward", str(source)]) == 1
+    assert "has no checkpoint to convert" in capsys.readouterr().err
+    assert not source.with_suffix(".safetensors").exists()
 
 
 def test_console_script_upscales_the_sample_with_the_default_model(tmp_path):

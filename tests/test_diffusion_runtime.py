@@ -87,3 +87,21 @@ def test_noise_seeded_and_injected():
     with pytest.raises(NoiseExhausted, match="no injected noise left"):
         empty.randn_like(torch.zeros(2))
     assert NoiseSource(injected=given).remaining() == 2
+
+
+@pytest.mark.slow
+def test_compile_matches_eager():
+    """--compile: torch.compile (inductor, needs a C++ compiler on the CPU) gives the eager numbers.
+    Slow (compilation takes a minute or more on 2 cores), so outside CI: pytest -m slow."""
+    from diffsr.diffusion.tiny import tiny_unet
+
+    unet = tiny_unet(seed=0)
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    eager = Runtime(torch.device("cpu"), torch.float32).prepare(unet)
+    with torch.no_grad():
+        expected = eager(latent, 999, encoder_hidden_states=context).sample
+        compiled = Runtime(torch.device("cpu"), torch.float32, compile=True).prepare(unet, denoiser=True)
+        result = compiled(latent, 999, encoder_hidden_states=context).sample
+    assert compiled._compiled_call_impl is not None
+    assert torch.allclose(result, expected, atol=1e-4)

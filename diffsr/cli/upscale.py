@@ -101,7 +101,7 @@ def _run_engine(args, method, items, load_values, run_values, config: BatchConfi
 
         return run_batch_ray(items, method.name, load_values, run_values, config, args.address, args.workers,
                              args.num_gpus_per_worker, args.ray_batch_size or 1, bars)
-    pipeline = method.load(**load_values)
+    pipeline = method.open(**load_values)
     process = lambda image: pipeline.upscale(image, on_progress=bars, **run_values)  # noqa: E731
     return run_batch(items, process, config, bars, details=pipeline.settings(**run_values))
 

@@ -133,7 +133,7 @@ class ModelCache:
             with self._lock:
                 if key in self._entries:
                     return self._entries[key]
-            pipeline = get_method(method).load(**load_values)
+            pipeline = get_method(method).open(**load_values)
             with self._lock:
                 entry = self._entries[key] = (pipeline, threading.Lock())
                 self._loading.pop(key, None)
