@@ -25,13 +25,24 @@ class VAETiles:
     decoder_tile: int = 64
     encoder_halo: int = 64
     decoder_halo: int = 11
+    statistics: str = "exact"
+    """GroupNorm statistics across tiles (diffsr.vae_tiling.STATISTICS): exact, sampled or vaehook."""
+
+    @classmethod
+    def from_options(cls, values: dict, **official: int) -> VAETiles | None:
+        """The tiles the `vae_tiling_options` values ask for (None when tiling is off); `official` sets halos."""
+        if not values.get("vae_tiling", True):
+            return None
+        return cls(int(values.get("vae_encoder_tile", cls.encoder_tile)), int(values.get("vae_decoder_tile", cls.decoder_tile)),
+                   statistics=str(values.get("vae_statistics", "exact")), **official)
 
 
 def _moments(vae: torch.nn.Module, image: torch.Tensor, tiles: VAETiles | None, on_progress: OptionalCallback) -> torch.Tensor:
     if tiles is None:
         hidden = vae.encoder(image)
     else:
-        hidden = tiled_encoder(vae.encoder, image, tiles.encoder_tile, tiles.encoder_halo, on_progress=on_progress)
+        hidden = tiled_encoder(vae.encoder, image, tiles.encoder_tile, tiles.encoder_halo, on_progress=on_progress,
+                               statistics=tiles.statistics)
     return vae.quant_conv(hidden.to(vae.quant_conv.weight.dtype)) if vae.quant_conv is not None else hidden
 
 
@@ -54,4 +65,5 @@ def decode(vae: torch.nn.Module, latents: torch.Tensor, tiles: VAETiles | None =
         z = vae.post_quant_conv(z.to(vae.post_quant_conv.weight.dtype))
     if tiles is None:
         return vae.decoder(z)
-    return tiled_decoder(vae.decoder, z, tiles.decoder_tile, tiles.decoder_halo, on_progress=on_progress)
+    return tiled_decoder(vae.decoder, z, tiles.decoder_tile, tiles.decoder_halo, on_progress=on_progress,
+                         statistics=tiles.statistics)

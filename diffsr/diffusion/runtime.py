@@ -45,12 +45,17 @@ def latent_tiling_options(tile: int, overlap: int, batch: int = 1) -> OptionSet:
     )
 
 
-def vae_tiling_options(encoder_tile: int = 512, decoder_tile: int = 64, enabled: bool = True) -> OptionSet:
+def vae_tiling_options(encoder_tile: int = 512, decoder_tile: int = 64, enabled: bool = True,
+                       statistics: str = "exact") -> OptionSet:
     """Tiled-VAE options (see diffsr.vae_tiling); tiles in image pixels (encoder) and latent pixels (decoder)."""
     return options(
         Option("vae_tiling", bool, enabled, "encode/decode large images in tiles with shared normalisation (bounded memory)"),
         Option("vae_encoder_tile", int, encoder_tile, "VAE encoder tile size (image pixels, multiple of 8)", minimum=64),
         Option("vae_decoder_tile", int, decoder_tile, "VAE decoder tile size (latent pixels)", minimum=8),
+        Option("vae_statistics", str, statistics,
+               "GroupNorm statistics across VAE tiles: exact (whole image, seam-free, keeps every tile's activations), "
+               "sampled (estimated on a few tiles, seam-free, least memory) or vaehook (the official OSEDiff/SUPIR hook)",
+               choices=("exact", "sampled", "vaehook")),
     )
 
 
