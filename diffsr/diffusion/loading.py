@@ -51,15 +51,23 @@ def _expected_text(spec: BaseSpec) -> str:
             f"{', '.join(spec.filenames)}; get {spec.name} from {spec.source}")
 
 
-def load_base(source: str | Path, kind: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              config_dir: str | Path | None = None, components: tuple[str, ...] = COMPONENTS) -> BaseComponents:
-    """Load the `components` of base `kind` (see `bases.BASES`) from a diffusers folder or a single file."""
-    spec = get_base(kind)
+def load_base(source: str | Path, kind: str | BaseSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              config_dir: str | Path | None = None, components: tuple[str, ...] = COMPONENTS,
+              state: dict[str, torch.Tensor] | None = None) -> BaseComponents:
+    """Load the `components` of base `kind` (see `bases.BASES`) from a diffusers folder or a single file.
+
+    `kind` may also be a `BaseSpec` (e.g. a method checkpoint's own tiny architecture). `state`, an
+    original-layout state dict already in memory (a method checkpoint that embeds its base, such as
+    StableSR's), is converted instead of reading `source`, which then only names it in messages.
+    """
+    spec = kind if isinstance(kind, BaseSpec) else get_base(kind)
     path = Path(source)
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown component(s) {', '.join(unknown)}; use {', '.join(COMPONENTS)}")
-    if path.is_dir():
+    if state is not None:
+        loaded = _load_single_file(path, spec, dtype, components, Path(config_dir) if config_dir else None, state)
+    elif path.is_dir():
         loaded = _load_folder(path, spec, dtype, components)
     elif path.is_file():
         loaded = _load_single_file(path, spec, dtype, components, Path(config_dir) if config_dir else None)
@@ -165,12 +173,14 @@ def _load_converted(model: torch.nn.Module, state: dict[str, torch.Tensor], path
         raise WeightsError(f"{path}: its {part} left {len(left)} tensors unset (e.g. {left[0]}); {_expected_text(spec)}")
 
 
-def _load_single_file(path: Path, spec: BaseSpec, dtype: torch.dtype, components: tuple[str, ...], config_dir: Path | None) -> BaseComponents:
+def _load_single_file(path: Path, spec: BaseSpec, dtype: torch.dtype, components: tuple[str, ...], config_dir: Path | None,
+                      state: dict[str, torch.Tensor] | None = None) -> BaseComponents:
     import diffusers
     import transformers
     from diffusers.loaders import single_file_utils as sfu
 
-    state = read_state_dict(path, _expected_text(spec))
+    if state is None:
+        state = read_state_dict(path, _expected_text(spec))
     out = BaseComponents(spec, path)
     if "unet" in components:
         if not any(k.startswith(LDM_UNET_PREFIX) for k in state):

@@ -48,3 +48,68 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def tensors_only(state: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+# Lightning checkpoints (StableSR's .ckpt files) pickle the trainer's callback objects, and sometimes
+# hparams (AttributeDict) or numpy scalars, next to the weights. Those names are replaced by inert
+# stand-in classes that only record the state they are given: nothing from those modules is imported
+# or run. Any other global still makes the file unreadable.
+LIGHTNING_MODULES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
+_NUMPY_RECONSTRUCTORS = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype")
+
+
+class LightningStub:
+    """Stands for a pickled Lightning object; keeps its arguments and state as plain data."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.args = args
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+def _allowed_global(name: str) -> object | None:
+    if name.startswith(LIGHTNING_MODULES):
+        return type(name.rsplit(".", 1)[-1], (LightningStub,), {"__module__": name.rsplit(".", 1)[0]})
+    if name in _NUMPY_RECONSTRUCTORS or name.startswith(("numpy.dtypes.", "numpy.core.multiarray._reconstruct")):
+        import importlib
+
+        module, attr = name.rsplit(".", 1)
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            return None
+    return None
+
+
+def load_lightning_checkpoint(path: str | Path) -> dict:
+    """A checkpoint `torch.load(weights_only=True)` reads, also when Lightning pickled its callbacks into it.
+
+    The globals the file references are listed without unpickling; Lightning's are mapped to inert
+    stubs and numpy's scalar/dtype reconstructors are allowed; any other one is refused, naming it.
+    """
+    path = Path(path)
+    try:
+        return load_checkpoint(path)
+    except WeightsError as exc:
+        if "arbitrary unpickling" not in str(exc):
+            raise
+    needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    allowed = {name: _allowed_global(name) for name in needed}
+    refused = sorted(name for name, obj in allowed.items() if obj is None)
+    if refused:
+        raise WeightsError(f"{path}: holds Python objects of {', '.join(refused[:4])}, which only arbitrary unpickling could load; "
+                           "diffsr refuses that because it can run code; convert it to safetensors where you trust it")
+    safe = [(obj, name) for name, obj in allowed.items()]
+    if "numpy.dtype" in allowed:  # a dtype is rebuilt as an instance of its numpy.dtypes class, then given its state
+        import numpy as np
+
+        safe += [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    with torch.serialization.safe_globals(safe):
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise WeightsError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(content, dict):
+        raise WeightsError(f"{path}: expected a dict of tensors, found {type(content).__name__}")
+    return content
