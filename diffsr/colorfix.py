@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-COLOR_FIXES = ("none", "adain", "wavelet")
+COLOR_FIXES = ("none", "adain", "wavelet", "ycbcr")
 WAVELET_LEVELS = 5
 ADAIN_EPS = 1e-5
 
@@ -85,12 +85,54 @@ def wavelet_color_fix(target: torch.Tensor, source: torch.Tensor, levels: int = 
     return (high + low).to(target.dtype)
 
 
+_RGB_TO_YCBCR = ((65.481, -37.797, 112.0), (128.553, -74.203, -93.786), (24.966, 112.0, -18.214))
+_YCBCR_TO_RGB = ((0.00456621, 0.00456621, 0.00456621), (0.0, -0.00153632, 0.00791071), (0.00625893, -0.00318811, 0.0))
+_YCBCR_TO_RGB_BIAS = (-222.921, 135.576, -276.836)
+
+
+def _to_ycbcr(image: torch.Tensor, only_y: bool) -> torch.Tensor:
+    """MATLAB rgb2ycbcr of [0, 1] RGB, returned /255 and clamped to [0, 1] (InvSR's rgb2ycbcrTorch)."""
+    pixels = image.permute(0, 2, 3, 1) * 255.0
+    scale = torch.tensor(_RGB_TO_YCBCR, dtype=image.dtype, device=image.device) / 255.0
+    if only_y:
+        out = torch.matmul(pixels, scale[:, :1]) + 16.0
+    else:
+        out = torch.matmul(pixels, scale) + torch.tensor([16.0, 128.0, 128.0], dtype=image.dtype, device=image.device).view(1, 1, 1, 3)
+    return (out / 255.0).clamp(0.0, 1.0).permute(0, 3, 1, 2)
+
+
+def _from_ycbcr(image: torch.Tensor) -> torch.Tensor:
+    """MATLAB ycbcr2rgb of [0, 1] YCbCr, clamped to [0, 1] (InvSR's ycbcr2rgbTorch)."""
+    pixels = image.permute(0, 2, 3, 1) * 255.0
+    scale = torch.tensor(_YCBCR_TO_RGB, dtype=image.dtype, device=image.device) * 255.0
+    bias = torch.tensor(_YCBCR_TO_RGB_BIAS, dtype=image.dtype, device=image.device).view(1, 1, 1, 3)
+    return ((torch.matmul(pixels, scale) + bias) / 255.0).clamp(0.0, 1.0).permute(0, 3, 1, 2)
+
+
+def ycbcr_color_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """InvSR's `ycbcr` fix: the target's luma (Y) with the reference's chroma (Cb, Cr); [0, 1] RGB, same size.
+
+    Both conversions are MATLAB's BT.601 studio-swing formulas computed at the 0..255 scale and
+    clamped to [0, 1] after each one, as the official code does (so the output is clamped too).
+    """
+    _check_pair(target, source)
+    if target.shape != source.shape:
+        raise ValueError(f"ycbcr colour fix needs the reference at the output size: {tuple(source.shape)} vs {tuple(target.shape)}")
+    dtype = target.dtype
+    compute = torch.promote_types(torch.promote_types(dtype, source.dtype), torch.float32)
+    luma = _to_ycbcr(target.to(compute), only_y=True)
+    chroma = _to_ycbcr(source.to(compute), only_y=False)[:, 1:]
+    return _from_ycbcr(torch.cat([luma, chroma], dim=1)).to(dtype)
+
+
 def color_fix(target: torch.Tensor, source: torch.Tensor, method: str) -> torch.Tensor:
     """Dispatch on a method name from COLOR_FIXES ("none" returns `target` unchanged)."""
     if method == "adain":
         return adain_color_fix(target, source)
     if method == "wavelet":
         return wavelet_color_fix(target, source)
+    if method == "ycbcr":
+        return ycbcr_color_fix(target, source)
     if method == "none":
         return target
     raise ValueError(f"unknown colour fix '{method}'; use one of {', '.join(COLOR_FIXES)}")

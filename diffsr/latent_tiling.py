@@ -134,8 +134,12 @@ TileFunction = Callable[..., torch.Tensor]
 
 
 def tiled_map(fn: TileFunction, inputs: Mapping[str, torch.Tensor], tile: int, overlap: int, scheme: str | TileScheme = "stablesr",
-              batch_size: int = 1, scale: int = 1, on_progress: OptionalCallback = None) -> torch.Tensor:
+              batch_size: int = 1, scale: int = 1, on_progress: OptionalCallback = None,
+              accumulate: torch.dtype = torch.float32) -> torch.Tensor:
     """Run `fn(**crops)` on tiles of every tensor in `inputs` (N x C x H x W, same H x W) and blend the results.
+
+    `accumulate` is the dtype of the weighted sums: float32 as most official codes; InvSR's
+    ImageSpliterTh sums in float64 (pass torch.float64 to reproduce it).
 
     `fn` gets the crops of a batch of tiles concatenated along dim 0 and returns one output per crop,
     of size (h*scale, w*scale); inputs that must be shared by all tiles (prompt embeddings, the
@@ -164,8 +168,8 @@ def tiled_map(fn: TileFunction, inputs: Mapping[str, torch.Tensor], tile: int, o
         outputs = fn(**crops)
         if accumulator is None:
             out_dtype = outputs.dtype
-            accumulator = torch.zeros(n, outputs.shape[1], height * scale, width * scale, dtype=torch.float32, device=outputs.device)
-            count = torch.zeros(1, 1, height * scale, width * scale, dtype=torch.float32, device=outputs.device)
+            accumulator = torch.zeros(n, outputs.shape[1], height * scale, width * scale, dtype=accumulate, device=outputs.device)
+            count = torch.zeros(1, 1, height * scale, width * scale, dtype=accumulate, device=outputs.device)
         for index, g in enumerate(group):
             size = ((g.y1 - g.y0) * scale, (g.x1 - g.x0) * scale)
             if size not in window_cache:

@@ -60,6 +60,7 @@ class Method:
 
 METHOD_MODULES = {
     "feedforward": "diffsr.pipelines.feedforward",
+    "invsr": "diffsr.pipelines.invsr",
 }
 DEFAULT_METHOD = "feedforward"
 

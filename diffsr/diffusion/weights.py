@@ -38,7 +38,7 @@ METHOD_WEIGHTS: dict[str, tuple[WeightFile, ...]] = {
         WeightFile("weights", "SUPIR-v0F.ckpt", "https://github.com/Fanghua-Yu/SUPIR (Google Drive / Baidu links in its README)", "SUPIR Software Licence (non-commercial)"),
     ),
     "invsr": (
-        WeightFile("weights", "noise_predictor_sd_turbo_v5.pth", "https://huggingface.co/OAOA/InvSR", "see github.com/zsyOAOA/InvSR"),
+        WeightFile("weights", "noise_predictor_sd_turbo_v5.pth", "https://huggingface.co/OAOA/InvSR", "S-Lab License 1.0 (non-commercial; github.com/zsyOAOA/InvSR)"),
     ),
     "promptsr": (),
 }
