@@ -13,11 +13,12 @@ import json
 import logging
 import os
 from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from diffsr.batch import BatchConfig, FileWorker, InputFile, Outcome, OutputClaims, Recorder, Summary, failure, output_path
 from diffsr.io.image import FORMAT_BY_SUFFIX, ImageError
+from diffsr.io.storage import RemoteFile, is_uri
 from diffsr.manifest import Record
 from diffsr.progress import OptionalCallback
 
@@ -36,21 +37,30 @@ class _MethodActor:
         self.worker = FileWorker(config, finished, details=self.pipeline.settings(**run_values))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        rows: dict[str, list] = {"path": [], "relative": [], "outcome": []}
-        for path, relative in zip(batch["path"], batch["relative"]):
-            item = InputFile(Path(path), Path(relative))
+        rows: dict[str, list] = {"key": [], "outcome": []}
+        for item in _items(batch):
             outcome = self.worker(item, lambda image: self.pipeline.upscale(image, **self.run_values))
-            rows["path"].append(path)
-            rows["relative"].append(relative)
+            rows["key"].append(item.key())
             rows["outcome"].append(_encode(outcome))
         return rows
+
+
+def _rows(items: list[InputFile]) -> list[dict[str, str]]:
+    """Inputs as Ray Data rows (plain strings; a remote file as its folder URI and relative path)."""
+    return [{"path": str(i.path), "relative": str(i.relative), "root": i.remote.root if i.remote else "",
+             "remote": i.remote.relative if i.remote else ""} for i in items]
+
+
+def _items(batch: dict[str, Any]) -> list[InputFile]:
+    return [InputFile(Path(path), Path(relative), RemoteFile(root, remote) if root else None)
+            for path, relative, root, remote in zip(batch["path"], batch["relative"], batch["root"], batch["remote"])]
 
 
 def _encode(outcome: Outcome) -> str:
     return json.dumps({
         "state": outcome.state,
         "record": asdict(outcome.record) if outcome.record else None,
-        "target": str(outcome.target) if outcome.target else None,
+        "target": str(outcome.target) if outcome.target is not None else None,
         "reason": outcome.reason,
         "notes": list(outcome.notes),
     })
@@ -59,15 +69,18 @@ def _encode(outcome: Outcome) -> str:
 def _decode(item: InputFile, text: str) -> Outcome:
     data = json.loads(text)
     record = Record(**data["record"]) if data["record"] else None
-    target = Path(data["target"]) if data["target"] else None
+    target = data["target"]
+    if target is not None and not is_uri(target):
+        target = Path(target)
     return Outcome(item, data["state"], record, target, data["reason"], tuple(data["notes"]))
 
 
-def _expected_target(item: InputFile, config: BatchConfig) -> Path:
-    """The output name an input will get, from its suffix (the actors decide the rare alpha-to-PNG case)."""
+def _expected_target(item: InputFile, output: Any, config: BatchConfig) -> str:
+    """The identity of the output an input will get, from its suffix (the actors decide the rare alpha-to-PNG case)."""
     suffix = item.path.suffix.lower()
     source_format = "GIF" if suffix == ".gif" else FORMAT_BY_SUFFIX.get(suffix)
-    return output_path(item, config.out_dir, source_format, False, config.ext, config.suffix)[0]
+    relative = output_path(item, Path(), source_format, False, config.ext, config.suffix)[0]
+    return output.identity(PurePosixPath(relative.as_posix()))
 
 
 def require_ray():
@@ -93,9 +106,9 @@ def _start(address: str | None):
 def _stream(items: list[InputFile], actor: type, kwargs: dict, workers: int, gpus: float, batch_size: int, address: str | None):
     """Yield (item, encoded outcome) as the actors finish them."""
     ray = _start(address)
-    by_path = {str(item.path): item for item in items}
+    by_key = {item.key(): item for item in items}
     cpus = max(1.0, (os.cpu_count() or 1) / max(workers, 1)) if not gpus else 1.0
-    dataset = ray.data.from_items([{"path": str(i.path), "relative": str(i.relative)} for i in items])
+    dataset = ray.data.from_items(_rows(items))
     results = dataset.map_batches(
         actor,
         fn_constructor_kwargs={**kwargs, "threads": int(cpus)},
@@ -105,7 +118,7 @@ def _stream(items: list[InputFile], actor: type, kwargs: dict, workers: int, gpu
         num_gpus=gpus or None,
     )
     for row in results.iter_rows():
-        yield by_path[row["path"]], row["outcome"]
+        yield by_key[row["key"]], row["outcome"]
 
 
 def run_batch_ray(
@@ -125,14 +138,17 @@ def run_batch_ray(
     todo = []
     for item in items:
         try:
-            claims(item, _expected_target(item, config))
+            claims(item, _expected_target(item, recorder.output, config))
             todo.append(item)
         except ImageError as exc:
             recorder(failure(item, str(exc), config.digest))
     kwargs = {"method": method, "load_values": load_values, "run_values": run_values, "config": config,
               "finished": recorder.manifest.records}
-    for item, text in _stream(todo, _MethodActor, kwargs, workers, num_gpus_per_worker, batch_size, address) if todo else ():
-        recorder(_decode(item, text))
+    try:
+        for item, text in _stream(todo, _MethodActor, kwargs, workers, num_gpus_per_worker, batch_size, address) if todo else ():
+            recorder(_decode(item, text))
+    finally:
+        recorder.close()
     return recorder.summary
 
 
@@ -150,10 +166,9 @@ class _DegradeActor:
         self.worker = PairWorker(out_dir, Degrader(config, scale), seed, crop, group, max_pixels, finished)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        items = [InputFile(Path(p), Path(r)) for p, r in zip(batch["path"], batch["relative"])]
-        rows: dict[str, list] = {"path": [], "outcome": []}
-        for outcome in self.worker(items):
-            rows["path"].append(str(outcome.item.path))
+        rows: dict[str, list] = {"key": [], "outcome": []}
+        for outcome in self.worker(_items(batch)):
+            rows["key"].append(outcome.item.key())
             rows["outcome"].append(json.dumps({
                 "state": outcome.state,
                 "record": asdict(outcome.record) if outcome.record else None,

@@ -17,7 +17,9 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the credentials of the S3 test's local server, given to the workers as a user's cluster would get its own
+    credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": credentials})
     yield
     ray.shutdown()
 
@@ -70,3 +72,22 @@ def test_ray_degrade_gives_the_local_pairs(tmp_path, local_ray, capsys):
         a = np.asarray(Image.open(tmp_path / "local" / "LR" / f"h{i}.png")).astype(int)
         b = np.asarray(Image.open(tmp_path / "ray" / "LR" / f"h{i}.png")).astype(int)
         assert np.abs(a - b).max() <= 1
+
+
+def test_ray_batch_between_s3_folders(tmp_path, local_ray, monkeypatch, capsys):
+    from remote_helpers import get, png_bytes, put, s3_server
+
+    with s3_server() as (fs, query):
+        monkeypatch.setenv("DIFFSR_HOME", str(tmp_path / "home"))
+        for i in range(3):
+            put(fs, f"photos/rin/p{i}.png", png_bytes(i))
+        model = str(save_pth(tmp_path / "tiny.pth", compact_state()))
+        common = ["upscale", f"s3://photos/rin?{query}", "-q", "--model", model, "--device", "cpu", "--dtype", "fp32",
+                  "-o", f"s3://photos/rout?{query}", "--engine", "ray", "--workers", "2"]
+        assert main(common) == 0
+        assert "written 3" in capsys.readouterr().out
+        assert all(get(fs, f"photos/rout/p{i}_out.png")[:8] == b"\x89PNG\r\n\x1a\n" for i in range(3))
+        assert len(get(fs, f"photos/rout/{MANIFEST_NAME}").decode().splitlines()) == 3
+        assert main(common) == 0
+        assert "written 0, skipped 3" in capsys.readouterr().out
+

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from diffsr.batch import collect_inputs
+from diffsr.io.storage import is_uri
 from diffsr.cli.bars import ProgressBars
 from diffsr.cli.engine import add_engine_arguments
 from diffsr.data.pairs import CONFIG_NAME, RECORDS_NAME, make_pairs
@@ -61,9 +62,14 @@ def run(args: argparse.Namespace) -> int:
     except (OptionError, ValueError) as exc:
         print(f"diffsr: {exc}", file=sys.stderr)
         return 2
+    remote = [text for text in args.inputs if is_uri(text)] + [str(args.output)] * (":/" in str(args.output))
+    if remote:
+        print(f"diffsr: {remote[0]}: diffsr degrade reads and writes local folders only; "
+              "copy the photos here (or mount the bucket) first", file=sys.stderr)
+        return 2
     out: Path = args.output
     inside = out.resolve()
-    items, problems = collect_inputs(args.inputs, recursive=args.recursive, exclude=lambda path: inside in path.parents)
+    items, problems = collect_inputs(args.inputs, recursive=args.recursive, exclude=lambda key: inside in Path(key).parents)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

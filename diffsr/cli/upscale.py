@@ -12,6 +12,7 @@ from diffsr.batch import BatchConfig, Summary, collect_inputs, own_outputs, run_
 from diffsr.cli.bars import ProgressBars
 from diffsr.cli.engine import add_engine_arguments
 from diffsr.io.image import DEFAULT_MAX_PIXELS
+from diffsr.io.storage import LocalOutput, StorageError, is_uri, open_output
 from diffsr.models.defaults import DefaultModelError
 from diffsr.models.loading import WeightsError
 from diffsr.options import OptionError
@@ -36,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction, argv: list[str]) -> None:
     )
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("-i", "--input", action="append", default=[], dest="extra_inputs", help="an input (repeatable), as Real-ESRGAN spells it")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    parser.add_argument("-o", "--output", required=True, type=_folder,
+                        help="output folder: a path, or a URI pyarrow understands (s3://bucket/prefix, gs://, hdfs://)")
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHOD_MODULES), help="method (default: %(default)s)")
     parser.add_argument("--recursive", action="store_true", help="include images in sub-folders of input folders")
     parser.add_argument("--ext", default="auto", help="output format: auto (as the input), png, jpg, webp, tif, bmp")
@@ -61,18 +63,24 @@ def run(args: argparse.Namespace) -> int:
     except OptionError as exc:
         print(f"diffsr: {exc}", file=sys.stderr)
         return 2
-    items, problems = collect_inputs(args.inputs + args.extra_inputs, recursive=args.recursive, exclude=own_outputs(args.output))
+    try:
+        output = open_output(args.output)
+        items, problems = collect_inputs(args.inputs + args.extra_inputs, recursive=args.recursive, exclude=own_outputs(output))
+    except StorageError as exc:
+        print(f"diffsr: {exc}", file=sys.stderr)
+        return 1
     if not items and not problems:
         print("diffsr: no inputs given; pass image files, folders or globs", file=sys.stderr)
         return 2
-    try:
-        args.output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"diffsr: cannot create output folder {args.output}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    if not _writable(args.output):
-        print(f"diffsr: output folder {args.output} is not writable; choose another -o", file=sys.stderr)
-        return 1
+    if isinstance(output, LocalOutput):
+        try:
+            args.output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"diffsr: cannot create output folder {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        if not _writable(args.output):
+            print(f"diffsr: output folder {args.output} is not writable; choose another -o", file=sys.stderr)
+            return 1
 
     load_values = {o.name: values[o.name] for o in method.load_options().options}
     run_values = {o.name: values[o.name] for o in method.run_options().options}
@@ -104,6 +112,11 @@ def _run_engine(args, method, items, load_values, run_values, config: BatchConfi
     pipeline = method.open(**load_values)
     process = lambda image: pipeline.upscale(image, on_progress=bars, **run_values)  # noqa: E731
     return run_batch(items, process, config, bars, details=pipeline.settings(**run_values))
+
+
+def _folder(text: str) -> Path | str:
+    """-o: a remote URI stays a string (Path would fold its '//')."""
+    return text if is_uri(text) else Path(text)
 
 
 def _writable(folder: Path) -> bool:
