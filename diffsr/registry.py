@@ -61,6 +61,8 @@ class Method:
 METHOD_MODULES = {
     "feedforward": "diffsr.pipelines.feedforward",
     "invsr": "diffsr.pipelines.invsr",
+    "osediff": "diffsr.pipelines.osediff",
+    "supir": "diffsr.noncommercial.supir.pipeline",  # non-commercial licence (diffsr.noncommercial)
 }
 DEFAULT_METHOD = "feedforward"
 

@@ -1,0 +1,216 @@
+"""SUPIR: parity with the official test.py on the fixture's tiny random weights, and the paths around it.
+
+Parity cases come from the fixture's own case list (cases.json); tolerances are the fixture README's:
+output max |diff| <= 2e-4 x max|ref| and mean <= 1e-5; latents and stage-1 tensors <= 1e-4 x max|ref|;
+conditioning <= 1e-5 absolute. One pipeline is loaded per module, and the tiny networks run on one
+thread (on a loaded 2-core machine more threads make them tens of times slower).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from supir_fixture import Case, base_spec, case_names, cases, fixture_root, write_config_dir
+
+from diffsr.diffusion.runtime import NoiseSource
+from diffsr.io.image import ImageData
+from diffsr.models.loading import WeightsError
+from diffsr.noncommercial import LicenceNotAccepted
+from diffsr.noncommercial.supir.pipeline import (
+    METHOD,
+    SUPIRPipeline,
+    convert,
+    postprocess,
+    preprocess,
+    read_supir_checkpoint,
+    resolve_settings,
+)
+from diffsr.noncommercial.supir.sampling import sampling_sigmas
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+OUTPUT_REL, OUTPUT_MEAN, LATENT_REL = 2e-4, 1e-5, 1e-4
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root():
+    return fixture_root()
+
+
+@pytest.fixture(scope="module")
+def pipeline(root, single_thread) -> SUPIRPipeline:
+    return SUPIRPipeline.from_files(root / "weights" / "supir_v0Q_tiny.ckpt", root / "weights" / "sdxl_base_tiny.safetensors",
+                                    device="cpu", dtype="fp32", base_spec=base_spec(root), accept_licence=True)
+
+
+@pytest.fixture(scope="module")
+def runs(pipeline, root):
+    """Each case restored once with the official draws injected (shared by the assertions)."""
+    cache: dict[str, tuple[object, NoiseSource]] = {}
+
+    def run(case: Case):
+        if case.name not in cache:
+            noise = NoiseSource(injected=case.draws())
+            result = pipeline.restore(case.lq(), resolve_settings(case.run_values()), noise, keep_steps=True)
+            cache[case.name] = (result, noise)
+        return cache[case.name]
+
+    return run
+
+
+def _close(actual: torch.Tensor, expected: np.ndarray, rel: float, mean: float | None = None, what: str = "") -> tuple[float, float]:
+    actual = actual.detach().float().cpu().numpy().reshape(expected.shape)
+    diff = np.abs(actual - expected)
+    bound = rel * np.abs(expected).max()
+    assert diff.max() <= bound, f"{what}: max |diff| {diff.max():.3e} > {bound:.3e}"
+    if mean is not None:
+        assert diff.mean() <= mean, f"{what}: mean |diff| {diff.mean():.3e} > {mean:.1e}"
+    return float(diff.max()), float(diff.mean())
+
+
+def _case(root, name: str) -> Case:
+    found = {c.name: c for c in cases(root)}
+    if name not in found:
+        pytest.skip(f"no case {name} in {root}")
+    return found[name]
+
+
+@pytest.mark.parametrize("name", case_names())
+def test_parity_with_official(runs, root, name):
+    """Every stored stage of the official run: stage 1, the guidance target, each step, the final latent, the output."""
+    case = _case(root, name)
+    result, noise = runs(case)
+    assert noise.remaining() == 0 and len(noise.drawn) == len(case.data["rng_draws_in_order"])
+    _close(result.control_latent, case.array("stage1_latent.npy"), LATENT_REL, what="stage1_latent")
+    _close(result.stage1, case.array("x_stage1.npy"), LATENT_REL, what="x_stage1")
+    _close(result.center_latent, case.array("z_stage1.npy"), LATENT_REL, what="z_stage1")
+    if (case.expected / "step_x_out.npy").exists():
+        _close(torch.cat(result.steps), case.array("step_x_out.npy"), LATENT_REL, what="step_x_out")
+    _close(result.final_latent, case.array("final_latent.npy"), LATENT_REL, what="final_latent")
+    if (case.expected / "decoded_before_colorfix.npy").exists():
+        _close(result.decoded, case.array("decoded_before_colorfix.npy"), OUTPUT_REL, OUTPUT_MEAN, what="decoded")
+    _close(result.output, case.array("output.npy"), OUTPUT_REL, OUTPUT_MEAN, what="output")
+
+
+def test_draw_order_matches_official_seed(runs, root):
+    """The draws a seeded run makes are the official ones (CPU generator seeded as test.py), in the same roles."""
+    case = cases(root)[0]
+    _, injected = runs(case)
+    seeded = NoiseSource(seed=case.data["batchify_sample_kwargs"]["seed"])
+    for (role, shape), stored in zip(injected.drawn, case.draws()):
+        assert torch.equal(seeded.randn(shape, role=role), stored), role
+    roles = [role for role, _ in injected.drawn]
+    assert roles[:2] == ["vae_posterior", "initial_noise"] and set(roles[2:]) <= {"churn_eps", "tile_eps_noise"}
+
+
+def test_conditioning_and_tokens(pipeline, root):
+    case = cases(root)[0]
+    context, vector = pipeline.encode_text([case.data["prompt_c"], case.data["prompt_uc"]])
+    for index, part in enumerate(("c", "uc")):
+        assert np.abs(context[index].numpy() - np.load(case.common / f"cond_{part}_crossattn.npy")[0]).max() <= 1e-5
+        assert np.abs(vector[index].numpy() - np.load(case.common / f"cond_{part}_vector.npy")[0]).max() <= 1e-5
+    tok_l, tok_g = pipeline.models.tokenizers
+    kwargs = dict(padding="max_length", max_length=77, truncation=True)
+    assert tok_l(case.data["prompt_c"], **kwargs).input_ids == case.data["tokens"]["tokens_clip_l_c"]
+    assert tok_g(case.data["prompt_uc"], **kwargs).input_ids == case.data["tokens"]["tokens_openclip_uc"]
+
+
+def test_sigmas_and_schedule(root):
+    for case in cases(root):
+        steps = case.data["batchify_sample_kwargs"]["num_steps"]
+        assert np.array_equal(sampling_sigmas(steps).numpy(), case.array("sigmas.npy"))
+        settings = resolve_settings(case.run_values()).sampler
+        for step in case.data["steps"] or case.data.get("tile_calls_in_order", []):
+            assert settings.gamma(step["sigma"]) == pytest.approx(step["gamma"])
+            assert float(settings.cfg_at(torch.tensor([step["sigma_hat"]]))) == pytest.approx(step["cfg_scale"], rel=1e-5)
+            assert settings.control_at(step["sigma"]) == pytest.approx(step["control_scale"], rel=1e-6)
+    assert sampling_sigmas(50)[:2].tolist() == pytest.approx([14.6146, 12.9663], abs=1e-4)
+
+
+def test_preprocess_and_png_are_test_py(root):
+    """Pillow bicubic to multiples of 64 reproduces the stored resized input; the PNG is the truncated output."""
+    for case in cases(root):
+        source = np.asarray(Image.open(root / case.data["input"]["file"]).convert("RGB")).astype(np.float32) / 255
+        lq, size = preprocess(source, 8, case.scale, case.min_size)
+        assert torch.equal(lq, case.lq())
+        png = np.asarray(Image.open(case.expected / "output.png").convert("RGB"))
+        pixels = postprocess(torch.from_numpy(case.array("output.npy")), size, 8)
+        assert np.array_equal(np.rint(pixels * 255).astype(np.uint8), png)
+
+
+def test_stage1_only_through_upscale(pipeline, root):
+    case = cases(root)[0]
+    source = np.asarray(Image.open(root / case.data["input"]["file"]).convert("RGB")).astype(np.float32) / 255
+    image = ImageData(pixels=source, alpha=np.full(source.shape[:2], 0.5, np.float32))
+    out = pipeline.upscale(image, stage1_only=True, scale=case.scale, min_size=case.min_size)
+    expected = postprocess(torch.from_numpy(case.array("x_stage1.npy")), out.pixels.shape[:2], 8)
+    assert np.abs(out.pixels - expected).max() <= 1.5 / 255
+    assert out.alpha.shape == out.pixels.shape[:2] and np.allclose(out.alpha, 0.5, atol=1e-3)
+
+
+def test_tiled_vae_plumbing_is_exact_with_full_halo(pipeline, root):
+    """Tiles whose halo covers the whole image must give the untiled stage 1 (float rounding only)."""
+    case = cases(root)[0]
+    lq = case.lq()
+    untiled = pipeline.stage1(lq)
+    settings = resolve_settings({**case.run_values(), "vae_encoder_tile": 64, "vae_decoder_tile": 8})
+    tiles = type(settings.vae_tiles)(64, 8, encoder_halo=lq.shape[-1], decoder_halo=lq.shape[-1] // 8)
+    tiled = pipeline.stage1(lq, tiles)
+    assert (untiled[0] - tiled[0]).abs().max() <= 1e-5 and (untiled[1] - tiled[1]).abs().max() <= 1e-4
+
+
+def test_licence_must_be_accepted(root, monkeypatch):
+    monkeypatch.delenv("DIFFSR_NONCOMMERCIAL", raising=False)
+    with pytest.raises(LicenceNotAccepted, match="non-commercial"):
+        SUPIRPipeline.from_files(root / "weights" / "supir_v0Q_tiny.ckpt", root / "weights" / "sdxl_base_tiny.safetensors")
+    assert "non-commercial" in METHOD.licence and "supir" == METHOD.name
+    assert {w.filename for w in METHOD.weights} >= {"SUPIR-v0Q.ckpt", "SUPIR-v0F.ckpt"}
+
+
+class PickledCallback:
+    """Stands for the training objects a Lightning .ckpt can hold: only arbitrary unpickling could rebuild it."""
+
+
+def test_checkpoint_errors_name_the_files(tmp_path, root):
+    torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, tmp_path / "sdxl_as_supir.ckpt")
+    with pytest.raises(WeightsError, match="not a SUPIR checkpoint.*SUPIR-v0Q.ckpt"):
+        read_supir_checkpoint(tmp_path / "sdxl_as_supir.ckpt")
+    with pytest.raises(WeightsError, match="not found.*SUPIR-v0F.ckpt"):
+        read_supir_checkpoint(tmp_path / "missing.ckpt")
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "callback": PickledCallback()}, tmp_path / "pickled.ckpt")
+    with pytest.raises(WeightsError, match="unpickl"):
+        read_supir_checkpoint(tmp_path / "pickled.ckpt")
+
+
+def test_convert_keeps_every_tensor(tmp_path, root):
+    from diffsr.cli.convert import convert_checkpoint
+
+    source = root / "weights" / "supir_v0Q_tiny.ckpt"
+    original = torch.load(source, map_location="cpu", weights_only=True)
+    converted = convert(source)
+    assert converted.keys() == {k for k in original if k != "model.control_model.mask_LQ"}
+    assert all(torch.equal(converted[k], original[k]) for k in converted)
+    out = tmp_path / "supir.safetensors"
+    assert convert_checkpoint("supir", source, out) == len(converted)
+    again = read_supir_checkpoint(out)
+    assert all(torch.equal(again[k], original[k]) for k in converted)
+
+
+def test_config_dir_loads_like_the_spec(root, tmp_path, pipeline):
+    """--config-dir (what the CLI takes) describes the same tiny base as the BaseSpec the API takes."""
+    folder = write_config_dir(base_spec(root), tmp_path / "cfg")
+    from diffsr.diffusion.loading import load_base
+
+    loaded = load_base(root / "weights" / "sdxl_base_tiny.safetensors", "sdxl-base", config_dir=folder, components=("unet",))
+    reference = pipeline.models.denoiser.unet.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in loaded.unet.state_dict().items())
