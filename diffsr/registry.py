@@ -62,6 +62,7 @@ METHOD_MODULES = {
     "feedforward": "diffsr.pipelines.feedforward",
     "invsr": "diffsr.pipelines.invsr",
     "osediff": "diffsr.pipelines.osediff",
+    "promptsr": "diffsr.pipelines.promptsr",
     "stablesr": "diffsr.pipelines.stablesr",
     "supir": "diffsr.noncommercial.supir.pipeline",  # non-commercial licence (diffsr.noncommercial)
 }
