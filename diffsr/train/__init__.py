@@ -6,5 +6,7 @@ file (in the format the method's `load` reads). The loop itself (accelerate, mix
 accumulation, checkpoints, resume) is shared: `diffsr.train.loop`.
 """
 
-TRAINERS: dict[str, str] = {}
+TRAINERS: dict[str, str] = {
+    "invsr": "diffsr.train.invsr",
+}
 """method name -> recipe module; each port adds its line."""
