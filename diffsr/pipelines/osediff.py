@@ -28,8 +28,8 @@ VAE attention does not need ~25 GB (#69).
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from PIL import Image
 
 from diffsr import __version__
 from diffsr.colorfix import color_fix
-from diffsr.diffusion.latents import decode, encode
+from diffsr.diffusion.latents import VAETiles, decode, encode
 from diffsr.diffusion.runtime import RUNTIME_OPTIONS, NoiseSource, Runtime, latent_tiling_options, vae_tiling_options
 from diffsr.diffusion.weights import METHOD_WEIGHTS, base_weight_files, describe_files
 from diffsr.io.image import ImageData
@@ -50,7 +50,6 @@ from diffsr.options import Option, options
 from diffsr.progress import OptionalCallback, report
 from diffsr.registry import Method
 from diffsr.resample import resize_array
-from diffsr.vae_tiling import tiled_vae
 
 BASE_KIND = "sd21-base"
 TIMESTEP = 999
@@ -151,6 +150,56 @@ def convert(path: Path) -> dict[str, torch.Tensor]:
     return read_weights(path).to_state_dict()
 
 
+UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut", "conv_out", "proj_out",
+                 "proj_in", "ff.net.2", "ff.net.0.proj")
+VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0")
+
+
+def unet_lora_targets(unet: torch.nn.Module) -> dict[str, list[str]]:
+    """The official `initialize_unet` module lists: every weight (not bias/norm) matching a pattern, grouped by
+    place (down_blocks/conv_in -> encoder, up_blocks/conv_out -> decoder, the rest: mid block -> others)."""
+    groups: dict[str, list[str]] = {name: [] for name in UNET_ADAPTERS}
+    for name, _ in unet.named_parameters():
+        if "bias" in name or "norm" in name or not any(p in name for p in UNET_PATTERNS):
+            continue
+        module = name.replace(".weight", "")
+        place = "default_encoder" if "down_blocks" in name or "conv_in" in name else \
+            "default_decoder" if "up_blocks" in name or "conv_out" in name else "default_others"
+        groups[place].append(module)
+    return groups
+
+
+def vae_lora_targets(vae: torch.nn.Module) -> list[str]:
+    """The official `initialize_vae` list: encoder convs and attention projections plus quant_conv, with the
+    official's repeats (a name is added once per pattern it contains; peft makes a set of it)."""
+    found: list[str] = []
+    for name, _ in vae.named_parameters():
+        if "bias" in name or "norm" in name:
+            continue
+        for pattern in VAE_PATTERNS:
+            if pattern in name and "encoder" in name:
+                found.append(name.replace(".weight", ""))
+            elif "quant_conv" in name and "post_quant_conv" not in name:
+                found.append(name.replace(".weight", ""))
+    return found
+
+
+def official_checkpoint(unet: torch.nn.Module, vae: torch.nn.Module, unet_targets: Mapping[str, list[str]], vae_targets: list[str],
+                        rank_unet: int, rank_vae: int) -> dict[str, Any]:
+    """The dict the official `OSEDiff_gen.save_model` writes (module lists as `*_lora_targets` gave them, ranks,
+    LoRA and conv_in tensors), for torch.save; `read_weights` and the official `load_ckpt` both read it."""
+    return {
+        "vae_lora_encoder_modules": list(vae_targets),
+        "unet_lora_encoder_modules": list(unet_targets["default_encoder"]),
+        "unet_lora_decoder_modules": list(unet_targets["default_decoder"]),
+        "unet_lora_others_modules": list(unet_targets["default_others"]),
+        "rank_unet": rank_unet,
+        "rank_vae": rank_vae,
+        "state_dict_unet": {k: v.detach().float().cpu().clone() for k, v in unet.state_dict().items() if "lora" in k or "conv_in" in k},
+        "state_dict_vae": {k: v.detach().float().cpu().clone() for k, v in vae.state_dict().items() if "lora" in k},
+    }
+
+
 def _regex(modules: list[str]) -> str:
     """A target_modules pattern peft matches in full: exactly these module names, nothing that merely ends in them."""
     return "^(?:" + "|".join(re.escape(m) for m in modules) + ")$"
@@ -162,13 +211,18 @@ def add_lora(model: torch.nn.Module, adapters: Mapping[str, list[str]], rank: in
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     names = {name for name, _ in model.named_modules()}
-    for adapter, modules in adapters.items():
+    for adapter, listed in adapters.items():
+        modules = list(dict.fromkeys(listed))  # the official VAE list repeats names
         absent = [m for m in modules if m not in names]
         if absent:
             raise WeightsError(f"OSEDiff LoRA targets {part} module {absent[0]} (and {len(absent) - 1} more) that the base lacks; "
                                f"the base must be SD 2.1-base ({describe_files('osediff')})")
+        if not modules:
+            continue
         config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0, init_lora_weights="gaussian", target_modules=_regex(modules))
-        inject_adapter_in_model(config, model, adapter_name=adapter)
+        with warnings.catch_warnings():  # "multiple adapters": three disjoint ones are what the official code builds
+            warnings.simplefilter("ignore", UserWarning)
+            inject_adapter_in_model(config, model, adapter_name=adapter)
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.set_adapter(list(module.lora_A.keys()))
@@ -321,14 +375,9 @@ class OSEDiffPipeline:
         rt = self.runtime
         dtype = rt.module_dtype(self.vae)
         halos = (ENCODER_PAD, DECODER_PAD) if vae_statistics == "vaehook" else (EXACT_ENCODER_HALO, DECODER_PAD)
-
-        def tiles() -> Any:
-            if not vae_tiling:
-                return nullcontext()
-            return tiled_vae(self.vae, vae_encoder_tile, vae_decoder_tile, *halos, on_progress=on_progress, statistics=vae_statistics)
-
-        with rt.active(self.vae), tiles():
-            latent = encode(self.vae, lq.to(rt.device, dtype), noise)
+        tiles = VAETiles(vae_encoder_tile, vae_decoder_tile, *halos, statistics=vae_statistics) if vae_tiling else None
+        with rt.active(self.vae):
+            latent = encode(self.vae, lq.to(rt.device, dtype), noise, tiles, on_progress)
         report(on_progress, "vae_encode", 1, 1)
         embeds = prompt_embeds.to(rt.device, rt.module_dtype(self.unet))
         timestep = torch.tensor([TIMESTEP], device=rt.device, dtype=torch.long)
@@ -342,8 +391,8 @@ class OSEDiffPipeline:
         x0 = predict_x0(latent, eps, self.abar.to(rt.device))
         if record is not None:
             record.update(lq_latent=latent.float().cpu(), model_pred=eps.float().cpu(), x_denoised=x0.cpu())
-        with rt.active(self.vae), tiles():
-            image = decode(self.vae, x0.to(dtype))
+        with rt.active(self.vae):
+            image = decode(self.vae, x0.to(dtype), tiles, on_progress)
         report(on_progress, "vae_decode", 1, 1)
         return image.float().clamp(-1, 1).cpu()
 
@@ -405,6 +454,8 @@ OPTIONS = options(
     Option("weights", str, "osediff.pkl", "the official osediff.pkl (or its `diffsr convert` .safetensors)", stage="load"),
     Option("base", str, "stable-diffusion-2-1-base", "SD 2.1-base: a diffusers folder or v2-1_512-ema-pruned.safetensors/.ckpt",
            stage="load"),
+    Option("config_dir", str, None, "for a single-file --base: a diffusers folder of the same model to take configs and "
+           "tokenizer from (default: SD 2.1-base's built-in configs)", nullable=True, stage="load"),
     Option("merge_lora", bool, False, "fold the LoRA into the base weights (faster; moves outputs by <= 1e-4, as the official merge)",
            stage="load"),
     Option("prompt", str, "", "user prompt; with --tags the official prompt '{tags}, {prompt},' is built"),
@@ -415,24 +466,20 @@ OPTIONS = options(
     Option("align_method", str, "adain", "colour fix against the upscaled input (official names; 'none' = 'nofix')",
            choices=("adain", "wavelet", "nofix", "none")),
     Option("resize_back", bool, True, "resize the output to upscale x the input size (the official script forgets to, #52)"),
-) + latent_tiling_options(96, 32) + vae_tiling_options(1024, 128) + options(
-    Option("vae_statistics", str, "exact",
-           "tiled-VAE normalisation: exact (equal to untiled up to the halo) or vaehook (the official hook's approximation)",
-           choices=("exact", "vaehook", "sampled")),
-) + RUNTIME_OPTIONS
+) + latent_tiling_options(96, 32) + vae_tiling_options(1024, 128, statistics="exact") + RUNTIME_OPTIONS
 OPTIONS = type(OPTIONS)(OPTIONS.options, "Apache-2.0 (OSEDiff code and weights); SD 2.1-base: CreativeML Open RAIL++-M")
 
 
-def load(weights: str = "osediff.pkl", base: str = "stable-diffusion-2-1-base", merge_lora: bool = False, device: str = "auto",
-         dtype: str = "auto", attention: str = "sdpa", offload: bool = False, channels_last: bool = False,
-         compile: bool = False) -> OSEDiffPipeline:
+def load(weights: str = "osediff.pkl", base: str = "stable-diffusion-2-1-base", config_dir: str | None = None,
+         merge_lora: bool = False, device: str = "auto", dtype: str = "auto", attention: str = "sdpa", offload: bool = False,
+         channels_last: bool = False, compile: bool = False) -> OSEDiffPipeline:
     """Read the weights (checked before the base is loaded, so a wrong file fails fast), the base, then apply the LoRA."""
     from diffsr.diffusion.loading import load_base
 
     runtime = Runtime.from_options({"device": device, "dtype": dtype, "attention": attention, "offload": offload,
                                     "channels_last": channels_last, "compile": compile})
     osediff = read_weights(weights)
-    components = load_base(base, BASE_KIND, dtype=torch.float32)
+    components = load_base(base, BASE_KIND, dtype=torch.float32, config_dir=config_dir)
     return OSEDiffPipeline(components, osediff, runtime, merge=merge_lora)
 
 
