@@ -8,5 +8,6 @@ accumulation, checkpoints, resume) is shared: `diffsr.train.loop`.
 
 TRAINERS: dict[str, str] = {
     "invsr": "diffsr.train.invsr",
+    "supir": "diffsr.train.supir",
 }
 """method name -> recipe module; each port adds its line."""

@@ -131,6 +131,8 @@ class GLVControl(nn.Module):
             self.input_hint_block = nn.Conv2d(unet.config.in_channels, width, 3, padding=1)
         self.conv_in, self.time_proj, self.time_embedding = unet.conv_in, unet.time_proj, unet.time_embedding
         self.add_embedding, self.down_blocks, self.mid_block = unet.add_embedding, unet.down_blocks, unet.mid_block
+        self.checkpointing = False
+        """Recompute each block in the backward pass (training memory); the denoiser applies it to the UNet part too."""
 
     @classmethod
     def from_unet(cls, unet: nn.Module, zero_hint: bool = True) -> GLVControl:
@@ -155,43 +157,54 @@ class GLVControl(nn.Module):
         maps = [h]
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):
-                h, res = block(h, temb=emb, encoder_hidden_states=context)
+                h, res = _call(self.checkpointing, block, h, temb=emb, encoder_hidden_states=context)
             else:
-                h, res = block(h, temb=emb)
+                h, res = _call(self.checkpointing, block, h, temb=emb)
             maps.extend(res)
-        maps.append(self.mid_block(h, emb, encoder_hidden_states=context))
+        maps.append(_call(self.checkpointing, self.mid_block, h, emb, encoder_hidden_states=context))
         return maps
 
 
+def _call(checkpointing: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args), recomputed in the backward pass instead of stored when training with gradient checkpointing."""
+    if checkpointing and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
 def supir_unet(unet: nn.Module, project_modules: nn.ModuleList, sample: torch.Tensor, timesteps: torch.Tensor,
-               context: torch.Tensor, vector: torch.Tensor, control: list[torch.Tensor], control_scale: float) -> torch.Tensor:
+               context: torch.Tensor, vector: torch.Tensor, control: list[torch.Tensor], control_scale: float,
+               checkpointing: bool = False) -> torch.Tensor:
     """The SDXL UNet (diffusers modules) with the connectors in place of the skip concatenations; returns eps."""
     dtype = unet.conv_in.weight.dtype
     sample, context, vector = sample.to(dtype), context.to(dtype), vector.to(dtype)
-    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype)) + unet.add_embedding(vector)
-    h = unet.conv_in(sample)
-    skips = [h]
-    for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            h, res = block(h, temb=emb, encoder_hidden_states=context)
-        else:
-            h, res = block(h, temb=emb)
-        skips.extend(res)
-    h = unet.mid_block(h, emb, encoder_hidden_states=context)
+    with torch.no_grad():  # the frozen SDXL encoder needs no gradients, also when the connectors train (as official)
+        emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype)) + unet.add_embedding(vector)
+        h = unet.conv_in(sample)
+        skips = [h]
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, res = block(h, temb=emb, encoder_hidden_states=context)
+            else:
+                h, res = block(h, temb=emb)
+            skips.extend(res)
+    h = _call(checkpointing, unet.mid_block, h, emb, encoder_hidden_states=context)
     adapter, index = len(project_modules) - 1, len(control) - 1
-    h = project_modules[adapter](control[index].to(dtype), h, None, control_scale)
+    h = _call(checkpointing, project_modules[adapter], control[index].to(dtype), h, None, control_scale)
     adapter, index = adapter - 1, index - 1
     for block in unet.up_blocks:
         attentions = getattr(block, "attentions", None)
         for r, resnet in enumerate(block.resnets):
             c = control[index].to(dtype)
-            h = project_modules[adapter](c, skips.pop(), h, control_scale)
+            h = _call(checkpointing, project_modules[adapter], c, skips.pop(), h, control_scale)
             adapter -= 1
-            h = resnet(h, emb)
+            h = _call(checkpointing, resnet, h, emb)
             if attentions is not None:
-                h = attentions[r](h, encoder_hidden_states=context, return_dict=False)[0]
+                h = _call(checkpointing, attentions[r], h, encoder_hidden_states=context, return_dict=False)[0]
             if r == len(block.resnets) - 1 and block.upsamplers is not None:
-                h = project_modules[adapter](c, h, control_scale)
+                h = _call(checkpointing, project_modules[adapter], c, h, control_scale)
                 adapter -= 1
                 for upsampler in block.upsamplers:
                     h = upsampler(h)
@@ -210,7 +223,8 @@ class SUPIRDenoiser(nn.Module):
     def forward(self, x_in: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, vector: torch.Tensor,
                 control_latent: torch.Tensor, control_scale: float = 1.0) -> torch.Tensor:
         control = self.control_model(control_latent, timesteps, x_in, context, vector)
-        return supir_unet(self.unet, self.project_modules, x_in, timesteps, context, vector, control, control_scale).float()
+        return supir_unet(self.unet, self.project_modules, x_in, timesteps, context, vector, control, control_scale,
+                          self.control_model.checkpointing).float()
 
     def set_attention(self, kind: str) -> None:
         """The attention kernel of every attention layer, connectors included: "sdpa" or "eager"."""
@@ -287,6 +301,30 @@ def check_and_load(module: nn.Module, state: dict[str, torch.Tensor], what: str,
         module.load_state_dict({k: state[k].to(dtype) if state[k].is_floating_point() else state[k] for k in expected},
                                strict=True, assign=True)
     return problems
+
+
+def official_state_dict(control: GLVControl, project_modules: nn.ModuleList, denoise_encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The three parts in the official SUPIR checkpoint layout (what `diffsr train supir` writes and `load` reads)."""
+    from diffsr.diffusion.ldm_layout import unet_to_ldm, vae_to_ldm
+
+    body = {k: v for k, v in control.state_dict().items() if not k.startswith("input_hint_block.")}
+    out = {CONTROL_PREFIX + k: v for k, v in unet_to_ldm(body, control.unet_config).items()}
+    out[CONTROL_PREFIX + "input_hint_block.0.weight"] = control.input_hint_block.weight
+    out[CONTROL_PREFIX + "input_hint_block.0.bias"] = control.input_hint_block.bias
+    out.update({PROJECT_PREFIX + k: v for k, v in project_modules.state_dict().items()})
+    levels = sum(1 for _ in denoise_encoder.down_blocks)
+    encoder = vae_to_ldm({"encoder." + k: v for k, v in denoise_encoder.state_dict().items()}, levels)
+    out.update({DENOISE_PREFIX + k[len("encoder."):]: v for k, v in encoder.items()})
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def zero_init_connectors(project_modules: nn.ModuleList) -> None:
+    """The official initialisation: ZeroSFT's zero_conv / zero_mul / zero_add start at zero (so SDXL is unchanged)."""
+    for module in project_modules:
+        if isinstance(module, ZeroSFT):
+            for conv in (module.zero_conv, module.zero_mul, module.zero_add):
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
 
 
 def connector_hidden(project_state: dict[str, torch.Tensor]) -> int:

@@ -235,6 +235,28 @@ def load_models(weights: str | Path, base: str | Path, runtime: Runtime, base_sp
     return SUPIRModels(denoiser, vae, denoise_encoder, loaded.text_encoders, loaded.tokenizers, Path(base), Path(weights))
 
 
+@torch.no_grad()
+def encode_prompts(tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], unet: torch.nn.Module, prompts: Sequence[str],
+                   device: torch.device | str = "cpu", active: Callable[[torch.nn.Module], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL conditioning as the official GeneralConditioner: crossattn = CLIP-L hidden_states[11] ++ bigG penultimate
+    (no final norm); vector = bigG pooled ++ the sinusoidal embedding of the constant sizes 1024/0/1024."""
+    from contextlib import nullcontext
+
+    active = active or (lambda module: nullcontext(module))
+    (tok_l, tok_g), (enc_l, enc_g) = tokenizers, text_encoders
+    kwargs = dict(padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids_l, ids_g = tok_l(list(prompts), **kwargs).input_ids, tok_g(list(prompts), **kwargs).input_ids
+    with active(enc_l):
+        hidden_l = enc_l(ids_l.to(device), output_hidden_states=True).hidden_states[11]
+    with active(enc_g):
+        out_g = enc_g(ids_g.to(device), output_hidden_states=True)
+    crossattn = torch.cat([hidden_l.float(), out_g.hidden_states[-2].float()], dim=-1)
+    sizes = torch.tensor([SIZE_CONDITIONING] * len(prompts), dtype=torch.float32).flatten()
+    size_emb = unet.add_time_proj(sizes).reshape(len(prompts), -1).float()
+    vector = torch.cat([out_g.text_embeds.float(), size_emb.to(crossattn.device)], dim=-1)
+    return crossattn, vector
+
+
 # --------------------------------------------------------------------------------------- pipeline
 
 
@@ -304,23 +326,10 @@ class SUPIRPipeline:
 
     # ------------------------------------------------------------------ conditioning
 
-    @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(crossattn N x 77 x 2048, vector N x 2816): CLIP-L layer 11 ++ bigG penultimate; bigG pooled ++ the size embedding."""
-        (tok_l, tok_g), (enc_l, enc_g) = self.models.tokenizers, self.models.text_encoders
-        device = self.runtime.device
-        kwargs = dict(padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        ids_l, ids_g = tok_l(list(prompts), **kwargs).input_ids, tok_g(list(prompts), **kwargs).input_ids
-        with self.runtime.active(enc_l):
-            hidden_l = enc_l(ids_l.to(device), output_hidden_states=True).hidden_states[11]
-        with self.runtime.active(enc_g):
-            out_g = enc_g(ids_g.to(device), output_hidden_states=True)
-        crossattn = torch.cat([hidden_l.float(), out_g.hidden_states[-2].float()], dim=-1)
-        unet = self.models.denoiser.unet
-        sizes = torch.tensor([SIZE_CONDITIONING] * len(prompts), dtype=torch.float32).flatten()
-        size_emb = unet.add_time_proj(sizes).reshape(len(prompts), -1).float()
-        vector = torch.cat([out_g.text_embeds.float(), size_emb.to(device)], dim=-1)
-        return crossattn, vector
+        """(crossattn N x 77 x 2048, vector N x 2816) of `prompts`, see `encode_prompts`."""
+        return encode_prompts(self.models.tokenizers, self.models.text_encoders, self.models.denoiser.unet, prompts,
+                              self.runtime.device, self.runtime.active)
 
     # ------------------------------------------------------------------ stages
 
