@@ -285,3 +285,16 @@ def test_bf16_against_fp32(root, single_thread):
     """
     diff, _ = _reduced_precision_run(root, "bf16")
     assert np.isfinite(diff).all() and diff.max() <= 0.25 and diff.mean() <= 0.03, (diff.max(), diff.mean())
+
+
+def test_captioner_sees_the_stage1_image_and_leads_the_prompt(pipeline, root, monkeypatch):
+    """A captioner (LLaVA in the official code; any callable here) gets test.py's 512 px stage-1 image;
+    its caption is put before the quality prompt with no separator."""
+    case = cases(root)[0]
+    source = np.asarray(Image.open(root / case.data["input"]["file"]).convert("RGB")).astype(np.float32) / 255
+    seen, prompts = [], []
+    monkeypatch.setattr(pipeline, "captioner", lambda image: seen.append(image.size) or "a street.")
+    original = pipeline.encode_text
+    monkeypatch.setattr(pipeline, "encode_text", lambda texts: prompts.extend(texts) or original(texts))
+    pipeline.upscale(ImageData(pixels=source), scale=case.scale, min_size=case.min_size, steps=1, seed=0)
+    assert min(seen[0]) == 512 and prompts[0] == "a street." + case.data["batchify_sample_kwargs"]["p_p"]

@@ -127,24 +127,31 @@ RUN_OPTIONS = OptionSet(tuple(o for o in OPTIONS.options if o.stage == "run"), L
 # ------------------------------------------------------------------------------------ preprocessing
 
 
-def working_size(width: int, height: int, scale: int, min_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((w, h) processed, (w0, h0) output) as test.py's PIL2Tensor: x scale, min side, multiples of 64 (half to even)."""
+def working_size(width: int, height: int, scale: int, min_size: int, fix_resize: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((w, h) processed, (w0, h0) output) as test.py's PIL2Tensor: x scale, min side, multiples of 64 (half to even).
+
+    `fix_resize` (test.py's captioning pass: 512) then rescales the short side to that size, output included.
+    """
     w, h = float(width * scale), float(height * scale)
     w0, h0 = round(w), round(h)
     if min(w, h) < min_size:
         up = min_size / min(w, h)
         w, h = w * up, h * up
+    if fix_resize is not None:
+        up = fix_resize / min(w, h)
+        w, h = w * up, h * up
+        w0, h0 = round(w), round(h)
     return (int(np.round(w / 64.0)) * 64, int(np.round(h / 64.0)) * 64), (w0, h0)
 
 
-def preprocess(pixels: np.ndarray, bit_depth: int, scale: int, min_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def preprocess(pixels: np.ndarray, bit_depth: int, scale: int, min_size: int, fix_resize: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """H x W x 3 float [0, 1] -> 1 x 3 x H' x W' in [-1, 1] at the working size, and the output (h0, w0).
 
     8-bit images take the official path exactly (uint8 RGB, one Pillow BICUBIC resize, /255*2-1);
     deeper images are resized per channel in float so their extra precision is kept.
     """
     height, width = pixels.shape[:2]
-    (w, h), (w0, h0) = working_size(width, height, scale, min_size)
+    (w, h), (w0, h0) = working_size(width, height, scale, min_size, fix_resize)
     if bit_depth <= 8:
         image = Image.fromarray(np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8), "RGB")
         array = np.asarray(image.resize((w, h), Image.BICUBIC)).astype(np.float64) / 255 * 2 - 1
@@ -390,13 +397,12 @@ class SUPIRPipeline:
 
     # ------------------------------------------------------------------ images
 
-    def _caption(self, settings: RunSettings, stage1: torch.Tensor) -> str:
-        if settings.caption or self.captioner is None:
-            return settings.caption
-        short = min(stage1.shape[-2:])
-        size = (round(stage1.shape[-2] * 512 / short), round(stage1.shape[-1] * 512 / short))
-        pixels = postprocess(stage1, size, 8)
-        return self.captioner(Image.fromarray(np.rint(pixels * 255).astype(np.uint8)))
+    def caption_image(self, pixels: np.ndarray, bit_depth: int, scale: int, min_size: int, tiles: VAETiles | None = None) -> Image.Image:
+        """What test.py shows LLaVA: the stage-1 image of the input resized to short side 512 (multiples of 64), resized to
+        short side exactly 512 and truncated to 8 bits."""
+        lq, size = preprocess(pixels, bit_depth, scale, min_size, fix_resize=512)
+        _, stage1 = self.stage1(lq, tiles)
+        return Image.fromarray(np.rint(postprocess(stage1, size, 8) * 255).astype(np.uint8))
 
     def upscale(self, image: ImageData, on_progress: OptionalCallback = None, noise: NoiseSource | None = None,
                 **run_options: Any) -> ImageData:
@@ -410,8 +416,8 @@ class SUPIRPipeline:
             out = stage1
         else:
             if self.captioner is not None and not settings.caption:
-                _, predenoised = self.stage1(lq, settings.vae_tiles, on_progress)
-                settings = replace(settings, caption=self._caption(settings, predenoised))
+                shown = self.caption_image(pixels, image.bit_depth, int(values["scale"]), int(values["min_size"]), settings.vae_tiles)
+                settings = replace(settings, caption=str(self.captioner(shown)))
             noise = noise or NoiseSource(values.get("seed"))
             out = self.restore(lq, settings, noise, on_progress).output
         result = postprocess(out, size, image.bit_depth)
