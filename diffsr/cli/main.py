@@ -8,7 +8,7 @@ import sys
 
 from diffsr import __version__
 
-COMMANDS = ("upscale", "models", "convert", "train", "degrade", "eval", "bench", "serve")
+COMMANDS = ("upscale", "models", "convert", "train", "degrade", "eval", "bench", "serve", "describe")
 """Subcommand modules under diffsr.cli; each defines register(subparsers) and sets func(args) -> int."""
 
 

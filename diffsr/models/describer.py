@@ -209,6 +209,10 @@ class DegradationDescriber:
         out = self.net(crops.flatten(0, 1))
         return {stage: value.view(n, k, -1).mean(1) for stage, value in out.items()}
 
+    def describe_many(self, images: Sequence[torch.Tensor], bins: PromptBins | None = None) -> list[DegradationPrediction]:
+        """`describe` for 3 x h x w images of different sizes, one at a time."""
+        return [self.describe(image[None], bins)[0] for image in images]
+
     def describe(self, lr: torch.Tensor, bins: PromptBins | None = None) -> list[DegradationPrediction]:
         results = []
         probs = {stage: logit.softmax(-1).cpu() for stage, logit in self.logits(lr).items()}

@@ -7,7 +7,9 @@ accumulation, checkpoints, resume) is shared: `diffsr.train.loop`.
 """
 
 TRAINERS: dict[str, str] = {
+    "describer": "diffsr.train.describer",  # PromptSR's degradation describer
     "invsr": "diffsr.train.invsr",
+    "promptsr": "diffsr.train.promptsr",
     "supir": "diffsr.train.supir",
 }
 """method name -> recipe module; each port adds its line."""

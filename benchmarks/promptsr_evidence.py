@@ -1,0 +1,459 @@
+"""PromptSR evidence on a CPU (research note promptsr.md, 7.2): E1 describer, E2 text path, E4 describer prompts, bench.
+
+    PYTHONPATH=. python benchmarks/promptsr_evidence.py e1 --describer diffsr/models/describer.safetensors
+    PYTHONPATH=. python benchmarks/promptsr_evidence.py e2 --budget-minutes 6
+    PYTHONPATH=. python benchmarks/promptsr_evidence.py bench
+
+Needs ../shared/data (BSDS500 train for training, B100 = BSDS500 val for testing, never trained on).
+Every experiment writes benchmarks/results/promptsr/<name>.json (config, seed, wall time, steps,
+metrics) and, where it has one, a figure <name>.png. The budgets are wall-clock: on a shared 2-core
+CPU the step counts are small, and the JSON says how many were reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared" / "data"
+RESULTS = REPO / "benchmarks" / "results" / "promptsr"
+
+from diffsr.data.folders import find_images, load_rgb, to_tensor  # noqa: E402
+from diffsr.degrade.config import PRESETS  # noqa: E402
+from diffsr.degrade.pipeline import Degrader, sample_seed  # noqa: E402
+
+
+def _write(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1, default=str))
+    print(f"wrote {path}")
+    return path
+
+
+def load_hr(folder: Path, limit: int | None = None) -> list[torch.Tensor]:
+    """HR images as 3 x H x W tensors cropped to multiples of 4 (BSDS: 480 x 320 or 320 x 480)."""
+    out = []
+    for path in find_images(folder)[:limit]:
+        t = to_tensor(load_rgb(path))
+        out.append(t[:, : t.shape[1] // 4 * 4, : t.shape[2] // 4 * 4])
+    return out
+
+
+def degrade_all(images: list[torch.Tensor], config, seeds: list[int]) -> tuple[list[torch.Tensor], list]:
+    """Degrade each image with its own seed, batched by shape; returns LR tensors and records in order."""
+    degrader = Degrader(config, 4, device="cpu")
+    lrs: list = [None] * len(images)
+    records: list = [None] * len(images)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, img in enumerate(images):
+        by_shape.setdefault(tuple(img.shape), []).append(i)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), 16):
+            group = indices[start : start + 16]
+            batch = degrader(torch.stack([images[i] for i in group]), [seeds[i] for i in group])
+            for j, i in enumerate(group):
+                lrs[i], records[i] = batch.lr[j], batch.records[j]
+    return lrs, records
+
+
+def bootstrap_ci(diff: torch.Tensor, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95 % paired-bootstrap interval of the mean of per-sample differences."""
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, len(diff), (resamples, len(diff)), generator=gen)
+    means = diff[index].mean(1)
+    return [float(means.quantile(0.025)), float(means.quantile(0.975))]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) on RGB in [0, 1], 8-bit rounded like a saved image."""
+    a = (a.clamp(0, 1) * 255).round() / 255
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
+def laplacian_energy(x: torch.Tensor) -> torch.Tensor:
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    return F.conv2d(x, kernel, groups=3).pow(2).flatten(1).mean(1)
+
+
+# ------------------------------------------------------------------------------------------------ E1
+
+
+def e1(args: argparse.Namespace) -> None:
+    """The describer on held-out B100 (natural PromptSR distribution, fixed order) vs chance and classical baselines."""
+    from diffsr.models.describer import BASELINES, CLASSES, STAGES, DegradationDescriber, ThresholdClassifier, labels_from_steps
+    from diffsr.train.describer import degradation
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    describer = DegradationDescriber.load(args.describer)
+    b100 = load_hr(SHARED / "bench" / "b100" / "HR")
+    tests = [img for img in b100 for _ in range(args.seeds)]
+    results: dict = {"describer": str(args.describer), "describer_metadata": describer.metadata, "seeds_per_image": args.seeds,
+                     "test_images": len(tests), "sets": {}}
+    calib_hr = load_hr(SHARED / "train" / "bsds500", args.calibration)
+    for mode in ("natural", "balanced"):
+        config = PRESETS["promptsr"] if mode == "natural" else degradation(True)
+        lrs, records = degrade_all(tests, config, [sample_seed(1234, mode, i) for i in range(len(tests))])
+        labels = {s: torch.tensor([labels_from_steps(r.steps)[s] for r in records]) for s in STAGES}
+        predicted = {s: [] for s in STAGES}
+        for lr in lrs:
+            out = describer.logits(lr[None])
+            for s in STAGES:
+                predicted[s].append(int(out[s].argmax(1)))
+        # baselines calibrated on BSDS500 train images degraded the same way
+        c_lrs, c_records = degrade_all(calib_hr, config, [sample_seed(99, mode, i) for i in range(len(calib_hr))])
+        c_labels = {s: torch.tensor([labels_from_steps(r.steps)[s] for r in c_records]) for s in STAGES}
+        report = {}
+        for s in STAGES:
+            y, p = labels[s], torch.tensor(predicted[s])
+            k = len(CLASSES[s])
+            confusion = torch.zeros(k, k, dtype=torch.long)
+            for a, b in zip(y.tolist(), p.tolist()):
+                confusion[a, b] += 1
+            f1 = []
+            for c in range(k):
+                tp = confusion[c, c].item()
+                prec = tp / max(1, confusion[:, c].sum().item())
+                rec = tp / max(1, confusion[c].sum().item())
+                f1.append(0.0 if tp == 0 else 2 * prec * rec / (prec + rec))
+            majority = int(torch.bincount(c_labels[s], minlength=k).argmax())
+            entry = {
+                "classes": list(CLASSES[s]),
+                "accuracy": float((p == y).float().mean()),
+                "macro_f1": sum(f1) / k,
+                "ordinal_error_rate": float(((p - y).abs() >= 2).float().mean()) if s != "resize" else None,
+                "confusion_true_rows_pred_cols": confusion.tolist(),
+                "chance_majority_class": CLASSES[s][majority],
+                "chance_accuracy": float((y == majority).float().mean()),
+                "uniform_guess_accuracy": 1 / k,
+            }
+            if s in BASELINES:
+                fn = BASELINES[s]
+                feature = torch.stack([fn(lr[None])[0] for lr in lrs])
+                c_feature = torch.stack([fn(lr[None])[0] for lr in c_lrs])
+                classifier = ThresholdClassifier.fit(c_feature, c_labels[s])
+                entry["baseline"] = {"name": fn.__name__, "accuracy": float((classifier.predict(feature) == y).float().mean()),
+                                     "thresholds": classifier.thresholds, "class_order": classifier.order}
+            report[s] = entry
+            base = entry.get("baseline", {}).get("accuracy")
+            print(f"{mode:9s} {s:12s} acc {entry['accuracy']:.3f}  chance {entry['chance_accuracy']:.3f}  "
+                  f"baseline {base if base is None else round(base, 3)}")
+        exact = [all(predicted[s][i] == int(labels[s][i]) for s in STAGES) for i in range(len(lrs))]
+        results["sets"][mode] = {"per_stage": report, "exact_match": sum(exact) / len(exact)}
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    _write(args.name, results)
+    _e1_figure(results, RESULTS / f"{args.name}.png")
+
+
+def _e1_figure(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(results["sets"]["natural"]["per_stage"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, mode in zip(axes, ("natural", "balanced")):
+        rep = results["sets"][mode]["per_stage"]
+        x = range(len(stages))
+        ax.bar([i - 0.27 for i in x], [rep[s]["accuracy"] for s in stages], 0.27, label="describer")
+        ax.bar(list(x), [rep[s].get("baseline", {}).get("accuracy", 0) for s in stages], 0.27, label="classical baseline")
+        ax.bar([i + 0.27 for i in x], [rep[s]["chance_accuracy"] for s in stages], 0.27, label="majority class")
+        ax.set_xticks(list(x), stages)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"held-out B100, {mode} sampling")
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------- E2 + E4
+
+
+def _noise_config(low: float, high: float):
+    """PromptSR's chain reduced to Gaussian noise in one bin + the final x4 downsample (no blur, resize or JPEG)."""
+    base = PRESETS["promptsr"]
+    first = replace(base.first, blur_prob=0.0, resize_probs=(0.0, 0.0, 1.0), noise_prob=1.0, gaussian_prob=1.0,
+                    noise_sigma=(low, high), jpeg_prob=0.0)
+    return replace(base, name=f"promptsr_noise_{low:g}_{high:g}", first=first)
+
+
+LEVEL_RANGES = {"light": (1.0, 9.99), "heavy": (20.0, 30.0)}
+
+
+def _e2_data(images: list[torch.Tensor], seed: int, copies: int):
+    """Each image degraded `copies` times per noise level: LR images, HR, level and the pipeline's prompt."""
+    items = []
+    for level, (low, high) in LEVEL_RANGES.items():
+        imgs = [img for img in images for _ in range(copies)]
+        lrs, records = degrade_all(imgs, _noise_config(low, high), [sample_seed(seed, level, i) for i in range(len(imgs))])
+        for img, lr, record in zip(imgs, lrs, records):
+            items.append({"hr": img, "lr": lr, "level": level, "prompt": record.prompt()})
+    return items
+
+
+def _crops(items, count: int, gen: torch.Generator, lr_size: int = 8, fixed: bool = False):
+    hr, lr, index = [], [], []
+    for k in range(count):
+        i = k % len(items) if fixed else int(torch.randint(len(items), (1,), generator=gen))
+        item = items[i]
+        h, w = item["lr"].shape[-2:]
+        if fixed:
+            y, x = (h - lr_size) // 2 + (k // len(items)) * lr_size, (w - lr_size) // 2
+        else:
+            y, x = int(torch.randint(h - lr_size + 1, (1,), generator=gen)), int(torch.randint(w - lr_size + 1, (1,), generator=gen))
+        lr.append(item["lr"][:, y : y + lr_size, x : x + lr_size])
+        hr.append(item["hr"][:, 4 * y : 4 * (y + lr_size), 4 * x : 4 * (x + lr_size)])
+        index.append(i)
+    return torch.stack(hr), torch.stack(lr), index
+
+
+def _restorer_forward(unet, lr: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """E2's one-step restorer: noisy-HR channels zero, fixed t = 0, output = the HR in [-1, 1]."""
+    from diffsr.models.promptsr import predict_noise, upsample_lr
+
+    up = upsample_lr(lr)
+    return predict_noise(unet, torch.zeros_like(up), up, 0, states)
+
+
+def e2(args: argparse.Namespace) -> None:
+    """Does the text path carry information? Prompted vs no-prompt one-step restorers on two noise bins (+ E4)."""
+    from diffsr.models.describer import DegradationDescriber
+    from diffsr.models.promptsr import EmbeddingCache, build_unet, minilm_encoder
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    train_hr = load_hr(SHARED / "train" / "bsds500", args.train_images)
+    test_hr = load_hr(SHARED / "bench" / "b100" / "HR", args.test_images)
+    train_items = _e2_data(train_hr, 0, 1)
+    test_items = _e2_data(test_hr, 777, args.test_copies)
+    data_seconds = time.perf_counter() - started
+    encoder = minilm_encoder()
+    cache = EmbeddingCache(encoder)
+    prompts = sorted({it["prompt"] for it in train_items + test_items} | {""})
+    cache(prompts, "cpu")
+    swap = {"light": "heavy", "heavy": "light"}
+    prompt_of = {it["level"]: it["prompt"] for it in test_items}
+
+    def train_run(mode: str, steps: int | None) -> tuple[torch.nn.Module, int, float]:
+        torch.manual_seed(args.seed)
+        unet = build_unet("cpu-tiny", encoder.hidden_size, seed=args.seed)
+        optimizer = torch.optim.Adam(unet.parameters(), lr=args.lr)
+        gen = torch.Generator().manual_seed(args.seed)
+        t0, step = time.perf_counter(), 0
+        while (steps is None and time.perf_counter() - t0 < args.budget_minutes * 60) or (steps is not None and step < steps):
+            hr, lr, index = _crops(train_items, args.batch, gen)
+            if mode == "prompted":
+                texts = ["" if float(torch.rand(1, generator=gen)) < 0.1 else train_items[i]["prompt"] for i in index]
+            else:
+                texts = [""] * len(index)
+            out = _restorer_forward(unet, lr, cache(texts, "cpu"))
+            loss = F.l1_loss(out, hr * 2 - 1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step % 50 == 0:
+                print(f"{mode} step {step} loss {float(loss):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        return unet.eval(), step, time.perf_counter() - t0
+
+    prompted, steps, prompted_seconds = train_run("prompted", None)
+    plain, _, plain_seconds = train_run("no-prompt", steps)
+    if args.save_models:
+        torch.save({"prompted": prompted.state_dict(), "no_prompt": plain.state_dict(), "steps": steps}, args.save_models)
+
+    gen = torch.Generator().manual_seed(1)
+    hr, lr, index = _crops(test_items, len(test_items) * args.test_crops, gen, fixed=True)
+    levels = [test_items[i]["level"] for i in index]
+
+    @torch.no_grad()
+    def run(model, texts: list[str]) -> torch.Tensor:
+        outs = []
+        for start in range(0, len(texts), 64):
+            sl = slice(start, start + 64)
+            outs.append((_restorer_forward(model, lr[sl], cache(texts[sl], "cpu")) + 1) / 2)
+        return torch.cat(outs).clamp(0, 1)
+
+    correct = run(prompted, [prompt_of[lv] for lv in levels])
+    swapped = run(prompted, [prompt_of[swap[lv]] for lv in levels])
+    empty = run(prompted, [""] * len(levels))
+    noprompt = run(plain, [""] * len(levels))
+    out_heavy = run(prompted, [prompt_of["heavy"]] * len(levels))
+    out_light = run(prompted, [prompt_of["light"]] * len(levels))
+    p = {name: psnr(x, hr) for name, x in
+         {"correct": correct, "swapped": swapped, "empty": empty, "no_prompt_model": noprompt}.items()}
+
+    def compare(a: str, b: str) -> dict:
+        diff = p[a] - p[b]
+        return {"mean_db": float(diff.mean()), "ci95_db": bootstrap_ci(diff), "wins": float((diff > 0).float().mean())}
+
+    hf_h, hf_l = laplacian_energy(out_heavy), laplacian_energy(out_light)
+    result = {
+        "config": {k: v for k, v in vars(args).items() if k != "func"} | {"model": "cpu-tiny (1.09 M)", "task": "one-step restorer (t = 0, noisy-HR channels zero, L1 to HR)",
+                                "levels": LEVEL_RANGES, "hr_crop": 32, "prompted_run_empty_rate": 0.1,
+                                "train_images": len(train_hr), "test": f"B100, {len(test_items)} degraded images, {len(levels)} crops"},
+        "steps": steps, "seconds": {"data": round(data_seconds, 1), "prompted": round(prompted_seconds, 1),
+                                    "no_prompt": round(plain_seconds, 1)},
+        "psnr_mean_db": {k: float(v.mean()) for k, v in p.items()},
+        "correct_vs_no_prompt_model": compare("correct", "no_prompt_model"),
+        "correct_vs_swapped": compare("correct", "swapped"),
+        "correct_vs_empty": compare("correct", "empty"),
+        "by_level_psnr": {lv: {k: float(v[torch.tensor([x == lv for x in levels])].mean()) for k, v in p.items()} for lv in LEVEL_RANGES},
+        "sensitivity": {
+            "mean_abs_heavy_minus_light": float((out_heavy - out_light).abs().mean()),
+            "mean_abs_correct_minus_empty": float((correct - empty).abs().mean()),
+            "hf_energy_heavy_lower_fraction": float((hf_h < hf_l).float().mean()),
+            "hf_energy_mean": {"heavy_prompt": float(hf_h.mean()), "light_prompt": float(hf_l.mean())},
+        },
+    }
+    # E4: the describer's prompts, from the whole degraded LR image (degradations are global)
+    try:
+        describer = DegradationDescriber.load(args.describer)
+        described = [d.prompt for d in describer.describe_many([it["lr"] for it in test_items])]
+        desc_texts = [described[i] for i in index]
+        with_desc = run(prompted, desc_texts)
+        p_desc = psnr(with_desc, hr)
+        gain_gt, gain_desc = float((p["correct"] - p["no_prompt_model"]).mean()), float((p_desc - p["no_prompt_model"]).mean())
+        gain_gt_e, gain_desc_e = float((p["correct"] - p["empty"]).mean()), float((p_desc - p["empty"]).mean())
+        noise_word = [("heavy noise" in t, "light noise" in t, "medium noise" in t) for t in described]
+        result["e4_describer"] = {
+            "psnr_mean_db": float(p_desc.mean()),
+            "recovered_fraction_vs_no_prompt_model": gain_desc / gain_gt if abs(gain_gt) > 1e-6 else None,
+            "recovered_fraction_vs_empty_prompt": gain_desc_e / gain_gt_e if abs(gain_gt_e) > 1e-6 else None,
+            "describer_vs_correct": {"mean_db": float((p_desc - p["correct"]).mean()), "ci95_db": bootstrap_ci(p_desc - p["correct"])},
+            "noise_word_of_heavy_images": _count([w for w, it in zip(noise_word, test_items) if it["level"] == "heavy"]),
+            "noise_word_of_light_images": _count([w for w, it in zip(noise_word, test_items) if it["level"] == "light"]),
+            "example_prompts": sorted(set(described))[:12],
+        }
+    except Exception as exc:  # the describer is optional for E2
+        result["e4_describer"] = {"skipped": str(exc)}
+    result["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    _write(args.name, result)
+    _e2_figure(result, hr, lr, out_light, out_heavy, levels, RESULTS / f"{args.name}.png")
+
+
+def _count(flags: list[tuple[bool, bool, bool]]) -> dict:
+    return {"heavy": sum(f[0] for f in flags), "light": sum(f[1] for f in flags), "medium": sum(f[2] for f in flags),
+            "none": sum(not any(f) for f in flags)}
+
+
+def _e2_figure(result: dict, hr, lr, out_light, out_heavy, levels, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1.6]})
+    names = list(result["psnr_mean_db"])
+    axes[0].bar(names, [result["psnr_mean_db"][n] for n in names], color=["C0", "C3", "C7", "C2"])
+    axes[0].set_ylim(min(result["psnr_mean_db"].values()) - 0.5, max(result["psnr_mean_db"].values()) + 0.3)
+    axes[0].set_ylabel("PSNR (dB), B100 crops")
+    axes[0].tick_params(axis="x", labelrotation=20, labelsize=8)
+    axes[0].set_title("E2: prompts carry information")
+    heavy = [i for i, level in enumerate(levels) if level == "heavy"][:3]
+    tiles = []
+    for i in heavy:
+        up = F.interpolate(lr[i : i + 1], scale_factor=4, mode="nearest")[0]
+        tiles.append(torch.cat([up, out_light[i], out_heavy[i], hr[i]], 2))
+    grid = torch.cat(tiles, 1).permute(1, 2, 0).numpy()
+    axes[1].imshow(grid.clip(0, 1), interpolation="nearest")
+    axes[1].set_title("heavy-noise LR | 'light noise' | 'heavy noise' | HR", fontsize=9)
+    axes[1].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Seconds and peak memory of the default 103 M config (random weights) per 128 -> 512 image, and tiled vs untiled."""
+    from diffsr.models.promptsr import PhraseTableEncoder, PromptSRConfig, build_unet
+    from diffsr.pipelines.promptsr import PromptSRPipeline
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    unet = build_unet("default", 384, seed=0)
+    encoder = PhraseTableEncoder(384)  # same width as MiniLM; the encoder's cost is cached away after the first call
+    pipe = PromptSRPipeline(unet, encoder, {}, PromptSRConfig(text_encoder=encoder.identity()))
+    rows = []
+
+    def measure(lr_size: int, steps: int, tile: int) -> dict:
+        lr = torch.rand(1, 3, lr_size, lr_size)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        pipe(lr, "heavy noise, downsample", steps=steps, seed=0, tile=tile)
+        seconds = time.perf_counter() - t0
+        row = {"lr": lr_size, "output": 4 * lr_size, "steps": steps, "tile": tile, "seconds": round(seconds, 2),
+               "seconds_per_step": round(seconds / steps, 3),
+               "peak_rss_growth_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, 1)}
+        if device.type == "cuda":
+            row["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        print(row, flush=True)
+        return row
+
+    for steps in args.steps:
+        rows.append(measure(128, steps, 0))
+    for tile in (0, 256) if args.large else ():
+        rows.append(measure(512, args.large_steps, tile))
+    _write(args.name, {"device": str(device), "threads": args.threads, "model": "default (102.8 M), random weights, fp32",
+                       "note": "timed on a shared 2-core CPU under heavy load from other jobs; read as upper bounds",
+                       "rows": rows})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="experiment", required=True)
+    p1 = sub.add_parser("e1")
+    p1.add_argument("--describer", type=Path, default=REPO / "diffsr" / "models" / "describer.safetensors")
+    p1.add_argument("--seeds", type=int, default=5, help="degradations per B100 image")
+    p1.add_argument("--calibration", type=int, default=300, help="BSDS500 train images to calibrate the baselines on")
+    p1.add_argument("--threads", type=int, default=1)
+    p1.add_argument("--name", default="e1_describer")
+    p1.set_defaults(func=e1)
+    p2 = sub.add_parser("e2")
+    p2.add_argument("--budget-minutes", type=float, default=6.0, help="wall clock of the prompted run (the no-prompt run gets as many steps)")
+    p2.add_argument("--train-images", type=int, default=400)
+    p2.add_argument("--test-images", type=int, default=None, help="B100 images to test on (default: all 100)")
+    p2.add_argument("--test-copies", type=int, default=1)
+    p2.add_argument("--test-crops", type=int, default=2)
+    p2.add_argument("--batch", type=int, default=32)
+    p2.add_argument("--lr", type=float, default=1e-3)
+    p2.add_argument("--seed", type=int, default=0)
+    p2.add_argument("--threads", type=int, default=1)
+    p2.add_argument("--describer", type=Path, default=REPO / "diffsr" / "models" / "describer.safetensors")
+    p2.add_argument("--save-models", type=Path, default=None, help="also torch.save both trained U-Nets here")
+    p2.add_argument("--name", default="e2_text_path")
+    p2.set_defaults(func=e2)
+    p3 = sub.add_parser("bench")
+    p3.add_argument("--device", default="cpu")
+    p3.add_argument("--steps", type=int, nargs="+", default=[50, 20])
+    p3.add_argument("--large", action="store_true", help="also 512 -> 2048, tiled and untiled")
+    p3.add_argument("--large-steps", type=int, default=1)
+    p3.add_argument("--threads", type=int, default=2)
+    p3.add_argument("--name", default="bench")
+    p3.set_defaults(func=bench)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
