@@ -153,3 +153,88 @@ class Case:
 def cases(root: Path) -> list[Case]:
     manifest = json.loads((root / "manifest.json").read_text())
     return [Case(name, data, root) for name, data in manifest["cases"].items()]
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny random StableSR checkpoints in the official layouts (no fixture needed)
+
+
+@dataclass(frozen=True)
+class TinyStableSR:
+    base_dir: Path
+    """Diffusers folder of the tiny SD 2 base (its configs also serve the single files)."""
+    ckpt: Path
+    """Full official-layout Lightning checkpoint: SD parts + encoder + SFT, with a pickled callback."""
+    webui: Path
+    """Only the encoder and SFT weights (what sd-webui-stablesr's extract_srmodule.py writes)."""
+    cfw: Path
+    """CFW autoencoder checkpoint (SD VAE trunk + decoder.fusion_layer_* + a loss tensor)."""
+
+
+def _lightning_callback():
+    """An instance of a class living in a 'pytorch_lightning' module, so the pickle references it as Lightning's do."""
+    import sys
+    import types
+
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+    module = types.ModuleType(name)
+
+    class ModelCheckpoint:
+        def __init__(self) -> None:
+            self.best_model_score = torch.tensor(0.5)
+            self.dirpath = "logs/checkpoints"
+
+    ModelCheckpoint.__module__ = name
+    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    return ModelCheckpoint, module, sys.modules
+
+
+def write_tiny_stablesr(directory: Path, seed: int = 0) -> TinyStableSR:
+    """A tiny SD 2.1-base-like model (VAE widened to 32 so CFW's GroupNorm(32) fits) with random StableSR parts."""
+    from safetensors.torch import load_file, save_file
+
+    from diffsr.diffusion.ldm_layout import vae_to_ldm
+    from diffsr.diffusion.tiny import build_tiny_sd2, tiny_vae
+    from diffsr.models.stablesr import CFW, EncoderLayout, StableSRAdapter, unet_resnet_names
+
+    directory.mkdir(parents=True, exist_ok=True)
+    base = build_tiny_sd2(directory / "base", "sd21-base", seed=seed)
+    vae = tiny_vae(seed + 5, block_out_channels=[32, 32, 32, 32], norm_num_groups=32)
+    vae.save_pretrained(str(base.diffusers_dir / "vae"))
+    state = {k: v for k, v in load_file(str(base.single_file)).items() if not k.startswith("first_stage_model.")}
+    trunk = vae_to_ldm(vae.state_dict(), 4)
+    state.update({"first_stage_model." + k: v for k, v in trunk.items()})
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base.diffusers_dir, subfolder="unet")
+    torch.manual_seed(seed + 7)
+    adapter = StableSRAdapter(EncoderLayout.official(32, (2, 2), 1, (1,), 32),
+                              {name: r.conv2.out_channels for name, r in unet_resnet_names(unet).items()})
+    with torch.no_grad():  # modest modulation, so 2-level random features stay in range
+        for layer in adapter.sft.values():
+            layer.mlp_gamma.weight.mul_(0.2)
+            layer.mlp_beta.weight.mul_(0.2)
+    own = adapter.official_state_dict()
+    state.update(own)
+    state["betas"] = torch.linspace(0.00085, 0.012, 1000)  # Lightning files carry the schedule buffers too
+    cls, module, modules = _lightning_callback()
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        modules.setdefault(name, __import__("types").ModuleType(name))
+    modules[module.__name__] = module
+    try:
+        ckpt = directory / "stablesr_tiny.ckpt"
+        torch.save({"state_dict": state, "global_step": 3, "callbacks": {cls: {"best": 1.0}}, "checkpoint": cls()}, ckpt)
+    finally:
+        for name in (module.__name__, "pytorch_lightning.callbacks", "pytorch_lightning"):
+            modules.pop(name, None)
+    webui = directory / "stablesr_webui_tiny.ckpt"
+    torch.save({k: v.clone() for k, v in own.items()}, webui)
+    torch.manual_seed(seed + 9)
+    cfw = CFW({1: 32, 2: 32}, blocks=1)
+    cfw_state = {k: v for k, v in trunk.items()}
+    cfw_state.update(cfw.official_state_dict())
+    cfw_state["loss.logvar"] = torch.zeros(())
+    cfw_path = directory / "vqgan_cfw_tiny.ckpt"
+    torch.save({"state_dict": cfw_state, "global_step": 11}, cfw_path)
+    return TinyStableSR(base.diffusers_dir, ckpt, webui, cfw_path)

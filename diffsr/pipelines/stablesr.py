@@ -484,16 +484,21 @@ def build_models(weights: dict[str, torch.Tensor], spec: BaseSpec, prediction: s
     """
     from diffsr.diffusion.loading import load_base
 
+    # a diffusers folder as --base also supplies the component configs of single-file weights (e.g. tiny test models)
+    config_dir = Path(base) if base not in (None, "") and Path(base).is_dir() else None
     own, rest = split_state(weights)
     adapter = StableSRAdapter.from_state(own)
     has = lambda prefix: any(k.startswith(prefix) for k in rest)  # noqa: E731
     wanted = ["unet", "vae", "text_encoder", "tokenizer"]
-    from_weights = [c for c in wanted if has({"unet": LDM_UNET_PREFIX, "vae": LDM_VAE_PREFIX}.get(c, spec.text_encoders[0].ldm_prefix))]
+    trunk = {LDM_VAE_PREFIX + k: v for k, v in (cfw_state or {}).items()
+             if k.split(".")[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv") and not k.startswith(CFW_PREFIX)}
+    from_weights = [c for c in wanted if has({"unet": LDM_UNET_PREFIX, "vae": LDM_VAE_PREFIX}.get(c, spec.text_encoders[0].ldm_prefix))
+                    and not (c == "vae" and trunk)]
     loaded: dict[str, Any] = {}
     if from_weights:
-        part = load_base(names[0], spec, components=tuple(from_weights), state=rest)
+        part = load_base(names[0], spec, components=tuple(from_weights), state=rest, config_dir=config_dir)
         loaded.update(unet=part.unet, vae=part.vae, text=part.text_encoders[:1], tokenizer=part.tokenizers[:1])
-    missing = [c for c in wanted if c not in from_weights and not (c == "vae" and cfw_state)]
+    missing = [c for c in wanted if c not in from_weights and not (c == "vae" and trunk)]
     if missing:
         if base in (None, ""):
             raise WeightsError(f"{names[0]}: holds only StableSR's own weights (no {', '.join(missing)}); also give --base, "
@@ -511,9 +516,8 @@ def build_models(weights: dict[str, torch.Tensor], spec: BaseSpec, prediction: s
     cfw = None
     if cfw_state is not None:
         cfw = CFW.from_state(cfw_state)
-        trunk = {LDM_VAE_PREFIX + k: v for k, v in cfw_state.items()
-                 if not k.startswith((CFW_PREFIX, "loss.")) and k.split(".")[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv")}
-        loaded["vae"] = load_base(names[1], spec, components=("vae",), state=trunk).vae
+        if trunk:  # the full CFW autoencoder (not the webui's fusion-only extract): decode with its own trunk
+            loaded["vae"] = load_base(names[1], spec, components=("vae",), state=trunk, config_dir=config_dir).vae
     text, tokenizer = loaded["text"][0], loaded["tokenizer"][0]
     context = empty_prompt_context(text, tokenizer)
     negative = empty_prompt_context(text, tokenizer, NEGATIVE_PROMPT) if negative_prompt else None
