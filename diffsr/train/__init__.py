@@ -9,6 +9,7 @@ accumulation, checkpoints, resume) is shared: `diffsr.train.loop`.
 TRAINERS: dict[str, str] = {
     "describer": "diffsr.train.describer",  # PromptSR's degradation describer
     "invsr": "diffsr.train.invsr",
+    "osediff": "diffsr.train.osediff",
     "promptsr": "diffsr.train.promptsr",
     "supir": "diffsr.train.supir",
 }
