@@ -201,6 +201,16 @@ def test_padding_is_cropped_before_the_final_resize(pipeline):
     assert out.shape[:2] == (int(int(12 * scale) * 4 / scale), int(int(20 * scale) * 4 / scale)) == (48, 79)
 
 
+def test_whole_canvas_with_tiled_vae_equals_untiled(pipeline, lr):
+    """pixel_tile 0: one latent canvas; with CFW off the shared tiled VAE bounds memory (halos cover the field here: exact)."""
+    options = dict(SMALL, pixel_tile=0, dec_w=0.0, seed=0)
+    plain = pipeline.upscale(ImageData(lr), vae_tiling=False, **options).pixels
+    tiled = pipeline.upscale(ImageData(lr), vae_tiling=True, vae_encoder_tile=64, vae_decoder_tile=8, **options).pixels
+    assert plain.shape == (64, 80, 3) and np.abs(tiled - plain).max() < 1e-4
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pipeline.upscale(ImageData(lr), pixel_tile=44, pixel_stride=16, **SMALL)
+
+
 def test_ddim_guidance_grey_and_alpha(pipeline):
     grey = gradient_image(16, 16, channels=1, seed=4).astype(np.float32) / 255
     alpha = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)

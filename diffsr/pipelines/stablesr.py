@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from diffsr import __version__
 from diffsr.colorfix import color_fix as color_fix_image
 from diffsr.diffusion.bases import BASES, LDM_UNET_PREFIX, LDM_VAE_PREFIX, BaseSpec
+from diffsr.diffusion.latents import VAETiles
 from diffsr.diffusion.latents import decode as vae_decode
 from diffsr.diffusion.latents import encode as vae_encode
-from diffsr.diffusion.runtime import RUNTIME_OPTIONS, NoiseSource, Runtime, latent_tiling_options
+from diffsr.diffusion.runtime import RUNTIME_OPTIONS, NoiseSource, Runtime, latent_tiling_options, vae_tiling_options
 from diffsr.diffusion.weights import describe_files, method_weight_files
 from diffsr.io.image import ImageData
 from diffsr.latent_tiling import tiled_map
@@ -274,21 +275,25 @@ class StableSRPipeline:
             out = uncond + guidance * (cond - uncond)
         return out
 
-    def encode(self, image: torch.Tensor, noise: NoiseSource) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Scaled posterior sample of `image` and the encoder features CFW fuses into the decoder."""
+    def encode(self, image: torch.Tensor, noise: NoiseSource, tiles: VAETiles | None = None,
+               features: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Scaled posterior sample of `image` and the encoder features CFW fuses into the decoder.
+
+        Without CFW (no CFW file, or `features` False because dec_w is 0) the shared tiled VAE may run
+        (`tiles`); CFW needs the whole encoder pass of the image it decodes."""
         m, rt = self.models, self.runtime
         with rt.active(m.vae):
-            if m.cfw is None:
-                return vae_encode(m.vae, image.to(rt.device, rt.dtype), noise).float(), {}
+            if m.cfw is None or not features:
+                return vae_encode(m.vae, image.to(rt.device, rt.dtype), noise, tiles).float(), {}
             with m.cfw.capture(m.vae) as features:
                 latent = vae_encode(m.vae, image.to(rt.device, rt.dtype), noise).float()
             return latent, dict(features)
 
-    def decode(self, latent: torch.Tensor, features: dict[int, torch.Tensor], dec_w: float) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, features: dict[int, torch.Tensor], dec_w: float, tiles: VAETiles | None = None) -> torch.Tensor:
         m, rt = self.models, self.runtime
         with rt.active(m.vae):
             if m.cfw is None or dec_w == 0:
-                return vae_decode(m.vae, latent.to(rt.device, rt.dtype)).float()
+                return vae_decode(m.vae, latent.to(rt.device, rt.dtype), tiles).float()
             with rt.active(m.cfw), m.cfw.fused(m.vae, features, dec_w):
                 return vae_decode(m.vae, latent.to(rt.device, rt.dtype)).float()
 
@@ -318,13 +323,16 @@ class StableSRPipeline:
                 sampler: str = "ddpm", ddim_eta: float = 0.0, guidance: float = 1.0, dec_w: float = 0.5,
                 color_fix: str = "adain", upscale: float = 4.0, input_size: int = 0, start: str = "auto",
                 latent_tile: int = 64, latent_overlap: int = 32, tile_batch: int = 1, pixel_tile: int = 1280,
-                pixel_stride: int = 1000, seed: int | None = None, noise: NoiseSource | None = None) -> ImageData:
+                pixel_stride: int = 1000, vae_tiling: bool = True, vae_encoder_tile: int = 512, vae_decoder_tile: int = 64,
+                vae_statistics: str = "exact", seed: int | None = None, noise: NoiseSource | None = None) -> ImageData:
         """Super-resolve one image (pixels in [0, 1]); `noise` (tests) replaces the seeded draws."""
         size = input_size or self.models.input_size
+        tiles = VAETiles.from_options({"vae_tiling": vae_tiling, "vae_encoder_tile": vae_encoder_tile,
+                                       "vae_decoder_tile": vae_decoder_tile, "vae_statistics": vae_statistics})
         if start not in ("auto", "lr", "noise"):
             raise ValueError(f"--start: {start!r} is not one of auto, lr, noise")
         rgb = image.pixels if image.pixels.shape[2] == 3 else np.repeat(image.pixels, 3, axis=2)
-        run = dict(steps=steps, sampler=sampler, eta=ddim_eta, guidance=guidance, dec_w=dec_w, color_fix=color_fix)
+        run = dict(steps=steps, sampler=sampler, eta=ddim_eta, guidance=guidance, dec_w=dec_w, color_fix=color_fix, tiles=tiles)
         fresh = (lambda: noise) if noise is not None else (lambda: NoiseSource(seed=seed))
         if start == "auto":  # what each official script does: DDPM tile and DDIM crop start from the LR, the others from noise
             start = "lr" if (mode == "tile") == (sampler == "ddpm") else "noise"
@@ -347,12 +355,12 @@ class StableSRPipeline:
     def sample_image(self, image: torch.Tensor, noise: NoiseSource, from_lr: bool, steps: int, sampler: str = "ddpm",
                      eta: float = 0.0, guidance: float = 1.0, tile: int | None = None, overlap: int = 32, tile_batch: int = 1,
                      x_t_shape: tuple[int, ...] | None = None, draw_unused: bool = False,
-                     on_progress: OptionalCallback = None) -> Sampled:
+                     on_progress: OptionalCallback = None, tiles: VAETiles | None = None, features: bool = True) -> Sampled:
         """Encode one image in [-1, 1] and sample its latent (the scripts' per-image/patch body up to decoding).
 
         `draw_unused`: the center-crop script draws a q_sample noise before starting from pure noise
         and discards it; drawing it keeps the random stream (and injected noise) in the official order."""
-        lr_latent, features = self.encode(image, noise)
+        lr_latent, cfw_features = self.encode(image, noise, tiles, features)
         if from_lr:
             x_t = respaced_schedule(steps).noised(lr_latent, noise.randn_like(lr_latent, role="x_T_noise"))
         else:
@@ -360,11 +368,11 @@ class StableSRPipeline:
                 noise.randn_like(lr_latent, role="unused_randn_like")
             x_t = noise.randn(x_t_shape or lr_latent.shape, lr_latent.device, torch.float32, role="x_T")
         latent = self.denoise(x_t, lr_latent, noise, steps, sampler, tile, overlap, tile_batch, eta, guidance, on_progress)
-        return Sampled(image, latent, features)
+        return Sampled(image, latent, cfw_features)
 
-    def finish(self, sampled: Sampled, dec_w: float, color_fix: str) -> torch.Tensor:
+    def finish(self, sampled: Sampled, dec_w: float, color_fix: str, tiles: VAETiles | None = None) -> torch.Tensor:
         """Decode with CFW weight `dec_w` and colour-fix against the input (in [-1, 1], not clamped)."""
-        decoded = self.decode(sampled.latent, sampled.features, dec_w)
+        decoded = self.decode(sampled.latent, sampled.features, dec_w, tiles)
         return color_fix_image(decoded, sampled.reference.to(decoded.device, decoded.dtype), color_fix)
 
     @staticmethod
@@ -387,25 +395,33 @@ class StableSRPipeline:
 
     def center_crop_sample(self, rgb: np.ndarray, size: int, noise: NoiseSource, pure_noise: bool = True, steps: int = 200,
                            sampler: str = "ddpm", eta: float = 0.0, guidance: float = 1.0,
-                           on_progress: OptionalCallback = None) -> Sampled:
+                           on_progress: OptionalCallback = None, tiles: VAETiles | None = None, features: bool = True) -> Sampled:
         """`sr_val_ddpm_text_T_vqganfin_old.py` up to decoding: centre-cropped input, one untiled latent."""
         x = self.center_crop_input(rgb, size)
         # from the LR, the draw the script discards becomes x_T's noise
         return self.sample_image(x, noise, not pure_noise, steps, sampler, eta, guidance, None, 0, 1,
-                                 (1, 4, size // 8, size // 8), draw_unused=pure_noise, on_progress=on_progress)
+                                 (1, 4, size // 8, size // 8), draw_unused=pure_noise, on_progress=on_progress, tiles=tiles,
+                                 features=features)
 
     def center_crop_sr(self, rgb: np.ndarray, size: int, noise: NoiseSource, pure_noise: bool, *, steps: int, sampler: str,
-                       eta: float, guidance: float, dec_w: float, color_fix: str, on_progress: OptionalCallback = None) -> np.ndarray:
+                       eta: float, guidance: float, dec_w: float, color_fix: str, tiles: VAETiles | None = None,
+                       on_progress: OptionalCallback = None) -> np.ndarray:
         """`sr_val_ddpm_text_T_vqganfin_old.py`: shorter side to `size`, centre crop, one latent."""
-        sampled = self.center_crop_sample(rgb, size, noise, pure_noise, steps, sampler, eta, guidance, on_progress)
-        return to_pixels(self.finish(sampled, dec_w, color_fix))
+        sampled = self.center_crop_sample(rgb, size, noise, pure_noise, steps, sampler, eta, guidance, on_progress, tiles, dec_w > 0)
+        return to_pixels(self.finish(sampled, dec_w, color_fix, tiles))
 
     def tile_sr(self, rgb: np.ndarray, size: int, upscale: float, fresh_noise, from_lr: bool, latent_tile: int, latent_overlap: int,
                 tile_batch: int, pixel_tile: int, pixel_stride: int, *, steps: int, sampler: str, eta: float, guidance: float,
-                dec_w: float, color_fix: str, on_progress: OptionalCallback = None) -> np.ndarray:
-        """`sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py`: latent tiles inside Gaussian-blended pixel patches."""
-        if pixel_stride > pixel_tile or pixel_stride < 1:
+                dec_w: float, color_fix: str, tiles: VAETiles | None = None, on_progress: OptionalCallback = None) -> np.ndarray:
+        """`sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py`: latent tiles inside Gaussian-blended pixel patches.
+
+        Memory: each pixel patch is encoded, sampled (on latent tiles) and decoded alone, so the peak is
+        that of one patch whatever the image size; pixel_tile 0 samples the whole image as one canvas
+        (the oldcanvas script) and, with CFW off, bounds the VAE with the shared tiled VAE instead."""
+        if pixel_tile and (pixel_stride > pixel_tile or pixel_stride < 1):
             raise ValueError(f"--pixel-stride must be between 1 and --pixel-tile ({pixel_tile}), got {pixel_stride}")
+        if pixel_tile % 8:
+            raise ValueError(f"--pixel-tile must be a multiple of 8 (the VAE's factor), got {pixel_tile}")
         h, w = rgb.shape[:2]
         x = (torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] - 0.5) / 0.5
         scale = max(size / min(h, w), upscale)
@@ -420,10 +436,10 @@ class StableSRPipeline:
             nonlocal patches
             patches += 1
             sampled = self.sample_image(image, fresh_noise(), from_lr, steps, sampler, eta, guidance, latent_tile,
-                                        latent_overlap, tile_batch, on_progress=on_progress)
-            return self.finish(sampled, dec_w, color_fix).cpu()
+                                        latent_overlap, tile_batch, on_progress=on_progress, tiles=tiles, features=dec_w > 0)
+            return self.finish(sampled, dec_w, color_fix, tiles).cpu()
 
-        if max(x.shape[-2:]) > pixel_tile:
+        if pixel_tile and max(x.shape[-2:]) > pixel_tile:
             out = tiled_map(patch, {"image": x}, pixel_tile, pixel_tile - pixel_stride, "stablesr-pixel", 1,
                             on_progress=on_progress)
         else:
@@ -589,11 +605,11 @@ OPTIONS = options(
            minimum=0, maximum=2048),
     Option("start", str, "auto", "x_T: lr = the LR latent noised to t=999 (DDPM tile script), noise = pure noise (center-crop "
            "and DDIM scripts); auto = the mode's script", choices=("auto", "lr", "noise")),
-    Option("pixel_tile", int, 1280, "pixel patch size for large images (the script's --vqgantile_size)", minimum=256,
-           aliases=("--vqgantile-size",)),
+    Option("pixel_tile", int, 1280, "pixel patch size for large images (the script's --vqgantile_size; 0: no pixel patches, "
+           "the whole image is one latent canvas)", minimum=0, aliases=("--vqgantile-size",)),
     Option("pixel_stride", int, 1000, "pixel patch stride (--vqgantile_stride)", minimum=64, aliases=("--vqgantile-stride",)),
     licence=LICENCE,
-) + latent_tiling_options(64, 32, 1) + RUNTIME_OPTIONS
+) + latent_tiling_options(64, 32, 1) + vae_tiling_options(512, 64) + RUNTIME_OPTIONS
 
 METHOD = Method(
     name="stablesr",
