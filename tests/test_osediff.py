@@ -293,3 +293,39 @@ def test_single_file_base(files, pipeline):
                   dtype="fp32")
     image = _image(seed=6)
     assert np.abs(single.upscale(image, **FAST).pixels - pipeline.upscale(image, **FAST).pixels).max() <= 1 / 255 + 1e-6
+
+
+def test_pkl_saved_from_a_gpu_loads_on_the_cpu(files, tmp_path, monkeypatch):
+    """The published pkl was saved from CUDA tensors; plain torch.load fails without CUDA, map_location='cpu' works."""
+    from diffsr.pipelines.osediff import read_weights
+
+    state = torch.load(files["pkl"], weights_only=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")  # what a GPU-side save records
+        torch.save(state, tmp_path / "cuda.pkl")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "cuda.pkl", weights_only=True)
+    weights = read_weights(tmp_path / "cuda.pkl")
+    assert all(t.device.type == "cpu" for t in weights.unet.values())
+    assert torch.equal(weights.unet["conv_in.base_layer.weight"], state["state_dict_unet"]["conv_in.base_layer.weight"])
+
+
+def test_cli_upscale_and_convert(files, tmp_path):
+    """diffsr convert and diffsr upscale --method osediff with the converted file; the method is listed by diffsr models."""
+    from PIL import Image
+
+    from diffsr.cli.main import main
+    from tiny_models import save_png
+
+    converted = tmp_path / "w.safetensors"
+    assert main(["convert", "--method", "osediff", str(files["pkl"]), "-o", str(converted)]) == 0
+    assert main(["convert", "--method", "osediff", str(files["pkl"]), "-o", str(converted)]) == 1  # exists, no --overwrite
+    save_png(tmp_path / "in" / "a.png", np.asarray(np.round(_image().pixels * 255), dtype=np.uint8))
+    code = main(["upscale", "-q", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--method", "osediff", "--weights", str(converted),
+                 "--base", str(files["base"].diffusers_dir), "--process-size", "64", "--tags", "sky", "--seed", "0",
+                 "--device", "cpu", "--dtype", "fp32"])
+    assert code == 0
+    assert Image.open(tmp_path / "out" / "a_out.png").size == (64, 64)
+    assert main(["upscale", "-q", str(tmp_path / "in"), "-o", str(tmp_path / "bad"), "--method", "osediff",
+                 "--weights", str(tmp_path / "missing.pkl"), "--base", str(files["base"].diffusers_dir)]) != 0
