@@ -11,6 +11,7 @@ TRAINERS: dict[str, str] = {
     "invsr": "diffsr.train.invsr",
     "osediff": "diffsr.train.osediff",
     "promptsr": "diffsr.train.promptsr",
+    "stablesr": "diffsr.train.stablesr",
     "supir": "diffsr.train.supir",
 }
 """method name -> recipe module; each port adds its line."""
