@@ -143,8 +143,9 @@ class InvSRPipeline:
         unet = self.m.unet
         with self.runtime.active(unet):
             for index, step in enumerate(steps):
-                sigma, sigma_next = sigmas[index].item(), sigmas[index + 1].item()
-                model_input = latents / ((sigmas[index] ** 2 + 1) ** 0.5).to(device, latents.dtype)
+                # EulerDiscreteScheduler.scale_model_input and step (gamma = 0), with its float32 sigma arithmetic
+                sigma, sigma_next = sigmas[index].to(device), sigmas[index + 1].to(device)
+                model_input = latents / ((sigma**2 + 1) ** 0.5).to(latents.dtype)
                 eps = unet(model_input, step.to(device), encoder_hidden_states=context, return_dict=False)[0]
                 noise.randn(eps.shape, device, eps.dtype, role="euler_step_unused")  # the official step draws it; s_churn = 0 never uses it
                 sample = latents.to(torch.float32)
