@@ -192,7 +192,7 @@ def _lightning_callback():
 
 def write_tiny_stablesr(directory: Path, seed: int = 0) -> TinyStableSR:
     """A tiny SD 2.1-base-like model (VAE widened to 32 so CFW's GroupNorm(32) fits) with random StableSR parts."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from diffsr.diffusion.ldm_layout import vae_to_ldm
     from diffsr.diffusion.tiny import build_tiny_sd2, tiny_vae

@@ -89,12 +89,12 @@ def load_lightning_checkpoint(path: str | Path) -> dict:
     stubs and numpy's scalar/dtype reconstructors are allowed; any other one is refused, naming it.
     """
     path = Path(path)
-    try:
+    try:  # scans the pickle only (no tensor data), so a refused file is not read twice
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if path.is_file() else []
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: load_checkpoint says what is wrong with it
+        needed = []
+    if not needed:
         return load_checkpoint(path)
-    except WeightsError as exc:
-        if "arbitrary unpickling" not in str(exc):
-            raise
-    needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     allowed = {name: _allowed_global(name) for name in needed}
     refused = sorted(name for name, obj in allowed.items() if obj is None)
     if refused:
@@ -106,8 +106,8 @@ def load_lightning_checkpoint(path: str | Path) -> dict:
 
         safe += [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
     with torch.serialization.safe_globals(safe):
-        try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: optimizer states and other unused tensors are never read into memory
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
             raise WeightsError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from None
     if not isinstance(content, dict):
