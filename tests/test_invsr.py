@@ -182,3 +182,17 @@ def test_ycbcr_color_fix():
     assert _to_ycbcr(torch.ones(1, 3, 1, 1), True).item() == pytest.approx(235 / 255, abs=1e-6)
     assert _to_ycbcr(torch.zeros(1, 3, 1, 1), False).flatten().tolist() == pytest.approx([16 / 255, 128 / 255, 128 / 255], abs=1e-6)
     assert torch.allclose(color_fix(target, target, "ycbcr"), target, atol=1e-4)  # the two conversions invert each other
+
+
+def test_color_reference_alignment():
+    """The official reference squeezes the padded LR into the output (shifted content); "aligned" does not."""
+    from diffsr.pipelines.invsr import color_reference
+
+    lr = torch.zeros(1, 3, 8, 12)
+    lr[..., 5:, :] = 1.0  # an edge 5/8 of the way down
+    padded = torch.nn.functional.pad(lr, (0, 0, 2, 2), mode="reflect")  # as the min-size padding would
+    official, aligned = color_reference(padded, lr, (32, 48)), color_reference(padded, lr, (32, 48), "aligned")
+    edge = lambda image: int((image[0, 0, :, 24] > 0.5).nonzero()[0])  # noqa: E731
+    assert edge(aligned) == 20  # 5/8 of 32 rows
+    assert edge(official) == 19  # (2 + 5)/12 of 32 rows = 18.7: shifted by the padding
+    assert torch.equal(color_reference(lr, lr, (32, 48)), aligned)  # no padding: both are the same

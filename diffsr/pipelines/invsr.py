@@ -79,6 +79,17 @@ def timestep_schedule(steps: int = 1, start: int | None = None, explicit: Sequen
     return tuple(int(v) for v in np.linspace(start, 0, steps, endpoint=False, dtype=np.int64))
 
 
+def color_reference(padded: torch.Tensor, lr: torch.Tensor, size: Sequence[int], mode: str = "official") -> torch.Tensor:
+    """The colour-fix reference: antialiased bicubic of the LR to the output size.
+
+    "official" uses the LR *after* InvSR's padding squeezed to the cropped output size, as sample_func
+    does (stretched and shifted whenever padding happened); "aligned" uses the unpadded LR."""
+    if mode not in ("official", "aligned"):
+        raise ValueError(f"--color-fix-reference: {mode!r} is not official or aligned")
+    source = padded if mode == "official" else lr
+    return F.interpolate(source.to(torch.float32).cpu(), size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
+
+
 @dataclass
 class _Models:
     unet: Any
@@ -163,7 +174,7 @@ class InvSRPipeline:
     @torch.no_grad()
     def enhance(self, lr: torch.Tensor, timesteps: Sequence[int], noise: NoiseSource, chopping_size: int = 128,
                 chopping_bs: int = 8, color_fix: str = "none", tiles: VAETiles | None = None,
-                on_progress: OptionalCallback = None) -> torch.Tensor:
+                on_progress: OptionalCallback = None, color_fix_reference: str = "official") -> torch.Tensor:
         """`InvSamplerSR.sample_func`: 1 x 3 x h x w in [0, 1] -> 1 x 3 x 4h x 4w in [0, 1] (float32, CPU)."""
         if chopping_size % 16 or chopping_size < 16:
             raise ValueError(f"--chopping-size must be a positive multiple of 16, got {chopping_size}")
@@ -193,9 +204,7 @@ class InvSRPipeline:
                                accumulate=torch.float64)
         result = result[:, :, SCALE * top: SCALE * (top + height), SCALE * left: SCALE * (left + width)].cpu()
         if color_fix != "none":
-            # official quirk kept: the reference is the *padded* LR squeezed to the cropped output size
-            reference = F.interpolate(padded.to(torch.float32).cpu(), size=result.shape[-2:], mode="bicubic",
-                                      align_corners=False, antialias=True)
+            reference = color_reference(padded, lr, result.shape[-2:], color_fix_reference)
             result = apply_color_fix(result, reference, color_fix)
         return result.clamp(0.0, 1.0).to(torch.float32)
 
@@ -203,7 +212,8 @@ class InvSRPipeline:
 
     def upscale(self, image: ImageData, on_progress: OptionalCallback = None, steps: int = 1, start_timestep: int | None = None,
                 timesteps: str | None = None, chopping_size: int = 128, chopping_bs: int = 8, color_fix: str = "none",
-                outscale: float | None = None, seed: int | None = None, **vae_tiling: Any) -> ImageData:
+                color_fix_reference: str = "official", outscale: float | None = None, seed: int | None = None,
+                **vae_tiling: Any) -> ImageData:
         """Upscale ImageData x4 (then resample to `outscale`); grey runs as RGB, alpha is upscaled bicubically.
 
         `vae_tiling` takes the shared `vae_tiling_options` values (vae_tiling, vae_encoder_tile, ...)."""
@@ -215,7 +225,8 @@ class InvSRPipeline:
         if unknown:
             raise TypeError(f"InvSRPipeline.upscale: unknown option(s) {', '.join(unknown)}")
         tiles = VAETiles.from_options({"vae_encoder_tile": 1024, "vae_decoder_tile": 128, **vae_tiling})
-        out = self.enhance(lr, schedule, NoiseSource(seed=seed), chopping_size, chopping_bs, color_fix, tiles, on_progress)
+        out = self.enhance(lr, schedule, NoiseSource(seed=seed), chopping_size, chopping_bs, color_fix, tiles, on_progress,
+                           color_fix_reference)
         result = out[0].numpy().transpose(1, 2, 0)
         if pixels.shape[2] == 1:
             result = result @ np.array([[0.299], [0.587], [0.114]], dtype=np.float32)
@@ -286,6 +297,8 @@ OPTIONS = options(
     Option("chopping_bs", int, 8, "LR patches per pipeline call", minimum=1, aliases=("--chopping_bs",)),
     Option("color_fix", str, "none", "colour correction towards the LR: wavelet or ycbcr (official default: none)",
            choices=("none", "wavelet", "ycbcr"), aliases=("--color_fix",)),
+    Option("color_fix_reference", str, "official", "colour-fix reference: official (the padded LR squeezed to the output, "
+           "InvSR's quirk, shifted when the image was padded) or aligned (the LR itself)", choices=("official", "aligned")),
     *vae_tiling_options(encoder_tile=1024, decoder_tile=128).options,
     Option("outscale", float, None, "final scale; InvSR is x4 only, other scales resample its output with Lanczos",
            minimum=0.01, maximum=16.0, aliases=("-s",), nullable=True),

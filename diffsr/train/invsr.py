@@ -332,6 +332,8 @@ def train(config: Config, output_dir: str | Path, on_progress: OptionalCallback 
         raise ConfigError(f"setting loss_type: {config.loss_type!r} is not L2 or L1")
     if not config.timesteps or any(not 1 <= t <= 1000 for t in config.timesteps):
         raise ConfigError(f"setting timesteps: expected values in 1..1000, got {config.timesteps}")
+    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
+        raise ConfigError("setting mixed_precision: fp16 (the official setting) needs a CUDA GPU; use bf16 or no on the CPU")
     output_dir = Path(output_dir)
     trainer = Trainer(output_dir, config.loop_settings())
     device = trainer.device
