@@ -217,7 +217,8 @@ def load_models(weights: str | Path, base: str | Path, runtime: Runtime, base_sp
 
     spec = base_spec or get_base("sdxl-base")
     parts = split_supir_state(read_supir_checkpoint(weights))
-    loaded = load_base(base, spec, dtype=torch.float32, config_dir=config_dir)
+    # the SDXL files are fp16 already: loading in the run's dtype halves host memory; the VAE is re-cast by prepare()
+    loaded = load_base(base, spec, dtype=runtime.dtype, config_dir=config_dir)
     unet, vae = loaded.unet, loaded.vae
     control = GLVControl(dict(unet.config))
     widths = tuple(unet.config.block_out_channels)
@@ -226,17 +227,18 @@ def load_models(weights: str | Path, base: str | Path, runtime: Runtime, base_sp
     with torch.device("meta"):
         project = build_project_modules(widths, connector_hidden(parts["project"]))
     denoise_encoder = denoise_encoder_like(vae)
-    problems = check_and_load(control, convert_control(parts["control"], dict(unet.config)), "adaptor (model.control_model.*)", torch.float32)
-    problems += check_and_load(project, parts["project"], "connectors (model.diffusion_model.project_modules.*)", torch.float32)
+    vae_dtype = runtime.module_dtype(vae)
+    problems = check_and_load(control, convert_control(parts["control"], dict(unet.config)), "adaptor (model.control_model.*)", runtime.dtype)
+    problems += check_and_load(project, parts["project"], "connectors (model.diffusion_model.project_modules.*)", runtime.dtype)
     problems += check_and_load(denoise_encoder, convert_denoise_encoder(parts["denoise"], dict(vae.config)),
-                               "denoise encoder (first_stage_model.denoise_encoder.*)", torch.float32)
+                               "denoise encoder (first_stage_model.denoise_encoder.*)", vae_dtype)
     if problems:
         raise WeightsError(f"{weights}: does not fit the SDXL base {base} ({'; '.join(problems)}); {_weights_text()}")
     denoiser = SUPIRDenoiser(unet, control, project)
     runtime.prepare(denoiser, denoiser=True)
     denoiser.set_attention(runtime.attention)
     runtime.prepare(vae)
-    denoise_encoder.to(device=runtime.home, dtype=runtime.module_dtype(vae)).eval().requires_grad_(False)
+    denoise_encoder.to(device=runtime.home, dtype=vae_dtype).eval().requires_grad_(False)
     for encoder in loaded.text_encoders:
         runtime.prepare(encoder)
     return SUPIRModels(denoiser, vae, denoise_encoder, loaded.text_encoders, loaded.tokenizers, Path(base), Path(weights))
@@ -434,7 +436,8 @@ class SUPIRPipeline:
         resolved = resolve_settings(values)
         return {"diffsr": __version__, "method": "supir", "licence": LICENCE, "weights": self.models.weights_source.name,
                 "base": self.models.base_source.name, "device": self.runtime.device.type,
-                "dtype": str(self.runtime.dtype).replace("torch.", ""), **resolved.sampler.__dict__,
+                "dtype": str(self.runtime.dtype).replace("torch.", ""),
+                **{k: v for k, v in resolved.sampler.__dict__.items() if k not in ("s_tmin", "s_tmax")},
                 "color_fix": resolved.color_fix, **{k: v for k, v in values.items() if v is not None}}
 
 
