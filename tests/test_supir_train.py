@@ -61,8 +61,11 @@ def test_encoder_then_adaptor_stage(setup):
     result = pipeline.restore(case.lq(), resolve_settings({"steps": 1}), NoiseSource(seed=0))
     assert torch.isfinite(result.output).all()
 
-    # a rerun with more steps resumes from the newest checkpoint
-    train(config_from_dict(Config, {**common, "stage": "adaptor", "weights": str(encoder_out), "max_steps": 3}), folder / "ada")
+    # a rerun with more steps, through `diffsr train supir CONFIG`, resumes from the newest checkpoint
+    from diffsr.cli.main import main
+
+    (folder / "adaptor.json").write_text(json.dumps({**common, "stage": "adaptor", "weights": str(encoder_out), "max_steps": 3}))
+    assert main(["train", "supir", str(folder / "adaptor.json"), "-o", str(folder / "ada"), "-q"]) == 0
     steps = [json.loads(line)["step"] for line in (folder / "ada" / "train-log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 
