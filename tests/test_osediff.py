@@ -215,8 +215,6 @@ def test_latent_and_vae_tiling(pipeline):
     assert exact.shape == untiled.shape == (1, 3, 136, 136)
     assert (exact - untiled).abs().max() < 1e-2
     assert (hook - untiled).abs().max() > 10 * (exact - untiled).abs().max()
-    tiled = run(vae_tiling=False, latent_tile=8, latent_overlap=4)  # 17 x 17 latent in 8 x 8 tiles
-    assert 0 < (tiled - untiled).abs().mean() < 0.5
 
 
 def test_grey_and_alpha_inputs(pipeline):

@@ -117,3 +117,20 @@ def test_lpips_vgg_matches_the_lpips_package():
     a, b = torch.rand(2, 3, 48, 48) * 2 - 1, torch.rand(2, 3, 48, 48) * 2 - 1
     with torch.no_grad():
         assert torch.allclose(ours(a, b), reference(a, b), rtol=1e-5, atol=1e-7)
+
+
+def test_rerun_resumes_from_the_last_checkpoint(run, tmp_path):
+    """A rerun of a finished 2-step run with max_steps 3 continues at step 3 (accelerate state: models, optimizers, RNG)."""
+    import dataclasses
+    import shutil
+
+    from diffsr.train.osediff import train
+
+    folder = tmp_path / "run"
+    shutil.copytree(run["root"] / "run", folder)
+    before = torch.load(folder / "osediff.pkl", map_location="cpu", weights_only=True)["state_dict_unet"]
+    train(dataclasses.replace(run["config"], max_steps=3), folder)
+    log = [json.loads(line)["step"] for line in (folder / "train-log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3]
+    after = torch.load(folder / "osediff.pkl", map_location="cpu", weights_only=True)["state_dict_unet"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
