@@ -299,3 +299,16 @@ def test_captioner_sees_the_stage1_image_and_leads_the_prompt(pipeline, root, mo
     monkeypatch.setattr(pipeline, "encode_text", lambda texts: prompts.extend(texts) or original(texts))
     pipeline.upscale(ImageData(pixels=source), scale=case.scale, min_size=case.min_size, steps=1, seed=0)
     assert min(seen[0]) == 512 and prompts[0] == "a street." + case.data["batchify_sample_kwargs"]["p_p"]
+
+
+def test_tiles_batched_per_call_match_one_by_one(pipeline, root, runs):
+    """--tile-batch 2 runs both latent tiles of the tiled case in one network call: same result up to float rounding."""
+    case = next((c for c in cases(root) if c.run_values()["tiled_sampling"]), None)
+    if case is None:
+        pytest.skip("no tiled case in the fixture")
+    one_by_one, _ = runs(case)
+    events = []
+    batched = pipeline.restore(case.lq(), resolve_settings({**case.run_values(), "tile_batch": 2}), NoiseSource(injected=case.draws()),
+                               on_progress=events.append)
+    _close(batched.final_latent, one_by_one.final_latent.numpy(), LATENT_REL, what="batched tiles")
+    assert {e.stage for e in events} >= {"steps", "tiles"}

@@ -154,7 +154,7 @@ class RestoreEDM:
                     return self.step(eps_fn, x, i, control, center, eps)
 
                 x = tiled_map(tile_step, {"x": x, "eps": field, "control": control, "center": x_center},
-                              tile, overlap, "supir", batch_size=tile_batch)
+                              tile, overlap, "supir", batch_size=tile_batch, on_progress=on_progress)
             if on_step is not None:
                 on_step(i, x)
             report(on_progress, "steps", i + 1, steps)
