@@ -68,14 +68,16 @@ def build(device: str, dtype: str, merge: bool, compile_unet: bool, attention: s
     return OSEDiffPipeline(components, weights, runtime, merge=merge)
 
 
-def run(pipeline, repeats: int) -> tuple[float, float]:
-    """Seconds per 512^2 image (median of `repeats` after one warm-up) and peak device memory in MB (host RSS on CPU)."""
+def run(pipeline, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Seconds per 512^2 image (median of `repeats` after `warmup` runs) and peak device memory in MB (on the CPU: the
+    process's peak RSS, weights included)."""
     from diffsr.io.image import ImageData
 
     rng = np.random.default_rng(0)
     image = ImageData(np.round(rng.uniform(0, 1, (128, 128, 3)) * 255).astype(np.float32) / 255, None, 8)
     cuda = pipeline.runtime.device.type == "cuda"
-    pipeline.upscale(image, seed=0)
+    for _ in range(warmup):
+        pipeline.upscale(image, seed=0)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -134,6 +136,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--merge", nargs="+", default=["no", "yes"], choices=["no", "yes"], help="rows with the LoRA unmerged / merged")
     parser.add_argument("--compile", action="store_true", help="also rows with torch.compile on the UNet")
     parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=["sdpa", "eager"])
     parser.add_argument("--parity", metavar="FIXTURE", help="instead: per-case differences from an OSEDiff fixture folder")
@@ -142,17 +146,19 @@ def main() -> None:
     if args.parity:
         parity(args.parity)
         return
-    print("| device | dtype | attention | LoRA | compile | s / 512^2 image | peak MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| device | dtype | attention | LoRA | compile | s / 512^2 image | peak MB | weights MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for dtype in args.dtype:
         for attention in args.attention:
-            for merge in (False, True):
+            for merge in [m == "yes" for m in args.merge]:
                 for compiled in ((False, True) if args.compile else (False,)):
                     pipeline = build(args.device, dtype, merge, compiled, attention)
-                    seconds, peak = run(pipeline, args.repeats)
+                    seconds, peak = run(pipeline, args.repeats, args.warmup)
                     kind = "host RSS" if args.device == "cpu" else "device"
+                    size = sum(p.numel() * p.element_size() for m in (pipeline.unet, pipeline.vae, pipeline.text_encoder)
+                               for p in m.parameters()) / 2**20
                     print(f"| {args.device} | {dtype} | {attention} | {'merged' if merge else 'peft'} | {compiled} | {seconds:.3f} | "
-                          f"{peak:.0f} ({kind}) |", flush=True)
+                          f"{peak:.0f} ({kind}) | {size:.0f} |", flush=True)
                     del pipeline
                     if args.device.startswith("cuda"):
                         torch.cuda.empty_cache()
