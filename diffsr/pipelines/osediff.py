@@ -452,7 +452,7 @@ class OSEDiffPipeline:
 
 OPTIONS = options(
     Option("weights", str, "osediff.pkl", "the official osediff.pkl (or its `diffsr convert` .safetensors)", stage="load"),
-    Option("base", str, "stable-diffusion-2-1-base", "SD 2.1-base: a diffusers folder or v2-1_512-ema-pruned.safetensors/.ckpt",
+    Option("base", str, "v2-1_512-ema-pruned.safetensors", "SD 2.1-base: v2-1_512-ema-pruned.safetensors/.ckpt or a diffusers folder",
            stage="load"),
     Option("config_dir", str, None, "for a single-file --base: a diffusers folder of the same model to take configs and "
            "tokenizer from (default: SD 2.1-base's built-in configs)", nullable=True, stage="load"),
@@ -470,7 +470,7 @@ OPTIONS = options(
 OPTIONS = type(OPTIONS)(OPTIONS.options, "Apache-2.0 (OSEDiff code and weights); SD 2.1-base: CreativeML Open RAIL++-M")
 
 
-def load(weights: str = "osediff.pkl", base: str = "stable-diffusion-2-1-base", config_dir: str | None = None,
+def load(weights: str = "osediff.pkl", base: str = "v2-1_512-ema-pruned.safetensors", config_dir: str | None = None,
          merge_lora: bool = False, device: str = "auto", dtype: str = "auto", attention: str = "sdpa", offload: bool = False,
          channels_last: bool = False, compile: bool = False) -> OSEDiffPipeline:
     """Read the weights (checked before the base is loaded, so a wrong file fails fast), the base, then apply the LoRA."""

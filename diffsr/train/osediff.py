@@ -157,7 +157,7 @@ class Config:
 
     data: list[str] = dataclasses.field(default_factory=list)
     """HR image folders (official: LSDIR + the first 10k FFHQ images)."""
-    base: str = "stable-diffusion-2-1-base"
+    base: str = "v2-1_512-ema-pruned.safetensors"
     config_dir: str | None = None
     init_weights: str | None = None
     """an osediff.pkl / .safetensors to continue from (e.g. the released weights)."""
