@@ -8,6 +8,8 @@ thread (on a loaded 2-core machine more threads make them tens of times slower).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,9 @@ from diffsr.io.image import ImageData
 from diffsr.models.loading import WeightsError
 from diffsr.noncommercial import LicenceNotAccepted
 from diffsr.noncommercial.supir.pipeline import (
+    A_PROMPT,
     METHOD,
+    N_PROMPT,
     SUPIRPipeline,
     convert,
     postprocess,
@@ -312,3 +316,24 @@ def test_tiles_batched_per_call_match_one_by_one(pipeline, root, runs):
                                on_progress=events.append)
     _close(batched.final_latent, one_by_one.final_latent.numpy(), LATENT_REL, what="batched tiles")
     assert {e.stage for e in events} >= {"steps", "tiles"}
+
+
+def test_base_as_a_diffusers_folder(pipeline, root, tmp_path):
+    """--base may be a diffusers folder: the same tiny SDXL saved as one loads to the same components."""
+    folder = tmp_path / "sdxl"
+    models = pipeline.models
+    models.denoiser.unet.save_pretrained(folder / "unet")
+    models.vae.save_pretrained(folder / "vae")
+    for index, suffix in enumerate(("", "_2")):
+        models.text_encoders[index].save_pretrained(folder / f"text_encoder{suffix}")
+        models.tokenizers[index].save_pretrained(folder / f"tokenizer{suffix}")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(base_spec(root).scheduler))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    again = SUPIRPipeline.from_files(root / "weights" / "supir_v0Q_tiny.ckpt", folder, device="cpu", dtype="fp32",
+                                     base_spec=base_spec(root), accept_licence=True)
+    prompts = [A_PROMPT, N_PROMPT]
+    for mine, theirs in zip(again.encode_text(prompts), pipeline.encode_text(prompts)):
+        assert torch.equal(mine, theirs)
+    reference = models.denoiser.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in again.models.denoiser.state_dict().items())
