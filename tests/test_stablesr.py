@@ -274,6 +274,12 @@ class NotLightning:
     pass
 
 
+def test_offload_gives_the_same_result(tiny, lr, reference):
+    offloaded = load(weights=str(tiny.ckpt), cfw_weights=str(tiny.cfw), base=str(tiny.base_dir), device="cpu", offload=True)
+    out = offloaded.upscale(ImageData(lr), seed=0, pixel_tile=48, pixel_stride=48, **SMALL).pixels
+    assert np.abs(out - reference).max() <= 1e-6
+
+
 def test_variants_and_options(tiny, lr):
     v = load(weights=str(tiny.ckpt), base=str(tiny.base_dir), variant="768v", device="cpu")
     assert v.models.prediction == "v_prediction" and v.models.input_size == 768 and v.models.cfw is None

@@ -266,10 +266,10 @@ class StableSRPipeline:
             context = torch.cat([m.negative_context.to(rt.device, rt.dtype).expand(n, -1, -1), context])
             x_in, lr_in = torch.cat([x_in, x_in]), torch.cat([lr_in, lr_in])
         steps = torch.full((x_in.shape[0],), t, dtype=torch.long, device=rt.device)
-        with rt.active(m.adapter):
+        with rt.active(m.adapter), rt.active(m.unet):  # the SFT layers (in the adapter) run inside the UNet
             features = m.adapter.structcond(lr_in, steps)
-        with rt.active(m.unet), m.adapter.conditioned(features):
-            out = m.unet(x_in, steps, encoder_hidden_states=context).sample.float()
+            with m.adapter.conditioned(features):
+                out = m.unet(x_in, steps, encoder_hidden_states=context).sample.float()
         if guidance != 1.0:
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
