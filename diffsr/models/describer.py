@@ -156,12 +156,14 @@ class DegradationDescriber:
     """`describe(lr)`: the degradation prompt of LR images (tiles of `tile` px, logits averaged)."""
 
     def __init__(self, net: DescriberNet, metadata: dict[str, Any] | None = None, device: torch.device | str = "cpu",
-                 tile: int = 48, threshold: float = 0.5) -> None:
+                 tile: int = 48, threshold: float = 0.5, stages: Sequence[str] | None = None) -> None:
         self.net = net.to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
         self.metadata = metadata or {}
         self.tile = tile
         self.threshold = threshold
+        self.stages = tuple(stages if stages is not None else self.metadata.get("stages", STAGES))
+        """Stages the describer states; the shipped weights leave out those that did not beat chance on held-out data."""
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: torch.device | str = "cpu", **kwargs: Any) -> DegradationDescriber:
@@ -221,7 +223,7 @@ class DegradationDescriber:
             classes, left_out = {}, []
             for stage in STAGES:
                 best = int(probs[stage][i].argmax())
-                if float(probs[stage][i][best]) >= self.threshold:
+                if stage in self.stages and float(probs[stage][i][best]) >= self.threshold:
                     classes[stage] = best
                 else:
                     left_out.append(stage)
