@@ -107,6 +107,7 @@ def connector_channels(widths: tuple[int, int, int]) -> list[tuple[str, int, int
 
 
 def build_project_modules(widths: tuple[int, int, int], nhidden: int = 128) -> nn.ModuleList:
+    """The 12 connectors (`model.diffusion_model.project_modules`) for an SDXL UNet of these level widths."""
     modules = []
     for kind, cond, channels, concat in connector_channels(widths):
         modules.append(ZeroSFT(cond, channels, concat, nhidden) if kind == "sft" else ZeroCrossAttn(cond, channels))
@@ -117,7 +118,7 @@ class GLVControl(nn.Module):
     """The adaptor: an SDXL encoder copy that reads the noisy latent, with the LQ latent added after conv_in.
 
     Built on the meta device from an SDXL UNet config (a full UNet is never materialised); the
-    weights come from `load_state_dict(..., assign=True)` or `materialize`.
+    weights come from `load_state_dict(..., assign=True)` (a checkpoint, or `from_unet` for training).
     """
 
     def __init__(self, unet_config: dict[str, Any]) -> None:
