@@ -36,6 +36,8 @@ from diffsr.noncommercial.supir.sampling import sampling_sigmas
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 OUTPUT_REL, OUTPUT_MEAN, LATENT_REL = 2e-4, 1e-5, 1e-4
+BF16_FP32_VAE_MAX, BF16_FP32_VAE_MEAN = 8e-2, 8e-3
+"""The fp16 bounds (1e-2 / 1e-3) times 8, bf16's roundoff over fp16's; measured 4.3e-2 / 3.6e-3."""
 
 
 @pytest.fixture(scope="module")
@@ -260,10 +262,10 @@ def test_tiled_vae_matches_untiled_within_parity_tolerance(pipeline, root, runs)
     assert (tiled.stage1 - untiled.stage1).abs().max() > 0  # the tiled path really ran
 
 
-def _reduced_precision_run(root, dtype: str):
+def _reduced_precision_run(root, dtype: str, vae_fp32: bool = False):
     case = next((c for c in cases(root) if c.name == "a_default"), cases(root)[0])
     low = SUPIRPipeline.from_files(root / "weights" / "supir_v0Q_tiny.ckpt", root / "weights" / "sdxl_base_tiny.safetensors",
-                                   device="cpu", dtype=dtype, base_spec=base_spec(root), accept_licence=True)
+                                   device="cpu", dtype=dtype, base_spec=base_spec(root), accept_licence=True, vae_fp32=vae_fp32)
     assert next(low.models.denoiser.parameters()).dtype == getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype])
     result = low.restore(case.lq(), resolve_settings(case.run_values()), NoiseSource(injected=case.draws()))
     return np.abs(result.output.numpy() - case.array("output.npy")), low
@@ -290,6 +292,14 @@ def test_bf16_against_fp32(root, single_thread):
     """
     diff, _ = _reduced_precision_run(root, "bf16")
     assert np.isfinite(diff).all() and diff.max() <= 0.25 and diff.mean() <= 0.03, (diff.max(), diff.mean())
+
+
+def test_bf16_with_fp32_vae(root, single_thread):
+    """bf16 networks with --vae-fp32 (the official --ae_dtype fp32): the VAE's amplification is gone."""
+    diff, low = _reduced_precision_run(root, "bf16", vae_fp32=True)
+    assert next(low.models.vae.parameters()).dtype == torch.float32
+    assert next(low.models.denoise_encoder.parameters()).dtype == torch.float32
+    assert diff.max() <= BF16_FP32_VAE_MAX and diff.mean() <= BF16_FP32_VAE_MEAN, (diff.max(), diff.mean())
 
 
 def test_captioner_sees_the_stage1_image_and_leads_the_prompt(pipeline, root, monkeypatch):

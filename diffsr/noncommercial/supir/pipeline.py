@@ -94,6 +94,8 @@ OPTIONS: OptionSet = options(
            "folder; UNet, VAE and both text encoders are taken from it", stage="load"),
     Option("config_dir", str, None, "diffusers folder whose component configs describe a single-file --base (default: SDXL base 1.0's)",
            nullable=True, stage="load"),
+    Option("vae_fp32", bool, False, "keep the VAE and the stage-1 encoder in fp32 under --dtype bf16 (the official --ae_dtype fp32; "
+           "fp16 always keeps them in fp32)", stage="load"),
     Option("accept_licence", bool, False, "confirm that your use is non-commercial (SUPIR's licence); or set DIFFSR_NONCOMMERCIAL=1",
            stage="load"),
     Option("preset", str, "default", "sampler settings: default (test.py), quality or fidelity (the gradio demo's presets); "
@@ -211,7 +213,7 @@ def read_supir_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_models(weights: str | Path, base: str | Path, runtime: Runtime, base_spec: BaseSpec | None = None,
-                config_dir: str | Path | None = None) -> SUPIRModels:
+                config_dir: str | Path | None = None, vae_fp32: bool = False) -> SUPIRModels:
     """SDXL (UNet, VAE, both text encoders) from `base`, SUPIR's adaptor, connectors and denoise encoder from `weights`."""
     from diffsr.diffusion.loading import load_base
 
@@ -227,7 +229,7 @@ def load_models(weights: str | Path, base: str | Path, runtime: Runtime, base_sp
     with torch.device("meta"):
         project = build_project_modules(widths, connector_hidden(parts["project"]))
     denoise_encoder = denoise_encoder_like(vae)
-    vae_dtype = runtime.module_dtype(vae)
+    vae_dtype = torch.float32 if vae_fp32 else runtime.module_dtype(vae)
     problems = check_and_load(control, convert_control(parts["control"], dict(unet.config)), "adaptor (model.control_model.*)", runtime.dtype)
     problems += check_and_load(project, parts["project"], "connectors (model.diffusion_model.project_modules.*)", runtime.dtype)
     problems += check_and_load(denoise_encoder, convert_denoise_encoder(parts["denoise"], dict(vae.config)),
@@ -238,6 +240,7 @@ def load_models(weights: str | Path, base: str | Path, runtime: Runtime, base_sp
     runtime.prepare(denoiser, denoiser=True)
     denoiser.set_attention(runtime.attention)
     runtime.prepare(vae)
+    vae.to(dtype=vae_dtype)
     denoise_encoder.to(device=runtime.home, dtype=vae_dtype).eval().requires_grad_(False)
     for encoder in loaded.text_encoders:
         runtime.prepare(encoder)
@@ -328,10 +331,11 @@ class SUPIRPipeline:
     @classmethod
     def from_files(cls, weights: str | Path, base: str | Path, device: str = "auto", dtype: str = "auto",
                    base_spec: BaseSpec | None = None, config_dir: str | Path | None = None, accept_licence: bool = False,
-                   captioner: Callable[[Image.Image], str] | None = None, **runtime_values: Any) -> SUPIRPipeline:
+                   captioner: Callable[[Image.Image], str] | None = None, vae_fp32: bool = False,
+                   **runtime_values: Any) -> SUPIRPipeline:
         require_acceptance("supir", LICENCE, accept_licence)
         runtime = Runtime.from_options({"device": device, "dtype": dtype, **runtime_values})
-        return cls(load_models(weights, base, runtime, base_spec, config_dir), runtime, captioner)
+        return cls(load_models(weights, base, runtime, base_spec, config_dir, vae_fp32), runtime, captioner)
 
     # ------------------------------------------------------------------ conditioning
 
@@ -442,10 +446,10 @@ class SUPIRPipeline:
 
 
 def _load(weights: str = "SUPIR-v0Q.ckpt", base: str = "sd_xl_base_1.0_0.9vae.safetensors", config_dir: str | None = None,
-          accept_licence: bool = False, device: str = "auto", dtype: str = "auto", attention: str = "sdpa", offload: bool = False,
-          channels_last: bool = False, compile: bool = False) -> SUPIRPipeline:
+          vae_fp32: bool = False, accept_licence: bool = False, device: str = "auto", dtype: str = "auto", attention: str = "sdpa",
+          offload: bool = False, channels_last: bool = False, compile: bool = False) -> SUPIRPipeline:
     return SUPIRPipeline.from_files(weights, base, device=device, dtype=dtype, config_dir=config_dir, accept_licence=accept_licence,
-                                    attention=attention, offload=offload, channels_last=channels_last, compile=compile)
+                                    vae_fp32=vae_fp32, attention=attention, offload=offload, channels_last=channels_last, compile=compile)
 
 
 def convert(path: Path) -> dict[str, torch.Tensor]:
