@@ -285,9 +285,9 @@ class StableSRPipeline:
         with rt.active(m.vae):
             if m.cfw is None or not features:
                 return vae_encode(m.vae, image.to(rt.device, rt.dtype), noise, tiles).float(), {}
-            with m.cfw.capture(m.vae) as features:
+            with m.cfw.capture(m.vae) as captured:
                 latent = vae_encode(m.vae, image.to(rt.device, rt.dtype), noise).float()
-            return latent, dict(features)
+            return latent, dict(captured)
 
     def decode(self, latent: torch.Tensor, features: dict[int, torch.Tensor], dec_w: float, tiles: VAETiles | None = None) -> torch.Tensor:
         m, rt = self.models, self.runtime
