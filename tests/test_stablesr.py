@@ -209,6 +209,8 @@ def test_whole_canvas_with_tiled_vae_equals_untiled(pipeline, lr):
     assert plain.shape == (64, 80, 3) and np.abs(tiled - plain).max() < 1e-4
     with pytest.raises(ValueError, match="multiple of 8"):
         pipeline.upscale(ImageData(lr), pixel_tile=44, pixel_stride=16, **SMALL)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pipeline.upscale(ImageData(lr), mode="center-crop", **dict(SMALL, input_size=100))
 
 
 def test_ddim_guidance_grey_and_alpha(pipeline):

@@ -327,6 +327,8 @@ class StableSRPipeline:
                 vae_statistics: str = "exact", seed: int | None = None, noise: NoiseSource | None = None) -> ImageData:
         """Super-resolve one image (pixels in [0, 1]); `noise` (tests) replaces the seeded draws."""
         size = input_size or self.models.input_size
+        if size % 32:
+            raise ValueError(f"--input-size must be a multiple of 32 (the scripts pad to 32), got {size}")
         tiles = VAETiles.from_options({"vae_tiling": vae_tiling, "vae_encoder_tile": vae_encoder_tile,
                                        "vae_decoder_tile": vae_decoder_tile, "vae_statistics": vae_statistics})
         if start not in ("auto", "lr", "noise"):
