@@ -50,7 +50,7 @@ def _fixed_batch(root, config):
     from diffsr.train.stablesr import _images
 
     dataset = HRFolderDataset(config.data, crop_size=config.gt_size, scale=config.scale, degradation=config.degradation, seed=99)
-    return _images(collate_pairs([dataset[0], dataset[1]]), torch.device("cpu"), config.use_usm)
+    return _images(collate_pairs([dataset[0], dataset[1]]), torch.device("cpu"), config.use_usm is not False)
 
 
 def test_stage1_loss_falls_resumes_and_loads(setup):

@@ -58,8 +58,9 @@ class Config:
     """cfw: a generate_vqgan_data.py folder with inputs/, gts/ and latents/ (same stems)."""
     generate_steps: int = 200
     degradation: str = "stablesr"
-    use_usm: bool = True
-    """the 512 config sharpens the GT before degrading it and uses it as the target (768v: False)."""
+    use_usm: bool | None = None
+    """sharpen the GT (USM) before degrading it and use it as the target; None: as the variant's config
+    (512: yes, 768v: no)."""
     gt_size: int = 512
     scale: int = 4
     encoder_channels: int = 256
@@ -278,7 +279,7 @@ def _train_sft(config: Config, output_dir: Path, on_progress: OptionalCallback, 
 
     def step(batch: dict[str, Any], index: int) -> dict[str, float]:
         rng = torch.Generator().manual_seed(config.seed * 1_000_003 + (index + 1) * 7919 + trainer.accelerator.process_index)
-        gt, lr = _images(batch, device, config.use_usm)
+        gt, lr = _images(batch, device, config.variant == "512" if config.use_usm is None else config.use_usm)
         with trainer.accumulate(model):
             with trainer.accelerator.autocast():
                 loss = sft_loss(model, vae, context, gt, lr, rng, config.variant == "768v")
