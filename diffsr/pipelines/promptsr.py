@@ -171,9 +171,13 @@ class PromptSRPipeline:
         return image.with_pixels(np.ascontiguousarray(out, dtype=np.float32), alpha)
 
     def settings(self, **options: Any) -> dict[str, Any]:
-        return {"diffsr": __version__, "method": "promptsr", "text_encoder": self.config.text_encoder.get("name"),
-                "device": self.runtime.device.type, "dtype": str(self.runtime.dtype).replace("torch.", ""),
-                "prompts": getattr(self, "last_prompts", None), **{k: v for k, v in options.items() if v is not None}}
+        """What to record in outputs; "prompts" (the normalised or describer-written ones) once an image has run."""
+        found = {"diffsr": __version__, "method": "promptsr", "text_encoder": self.config.text_encoder.get("name"),
+                 "device": self.runtime.device.type, "dtype": str(self.runtime.dtype).replace("torch.", ""),
+                 **{k: v for k, v in options.items() if v is not None}}
+        if getattr(self, "last_prompts", None) is not None:
+            found["prompts"] = self.last_prompts
+        return found
 
 
 def parse_text_encoder(spec: str) -> TextEncoder | None:
