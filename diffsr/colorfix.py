@@ -1,4 +1,4 @@
-"""Colour correction of a diffusion output towards a reference image: AdaIN and wavelet.
+"""Colour correction of a diffusion output towards a reference image: AdaIN, wavelet and InvSR's YCbCr.
 
 Diffusion priors shift colours; StableSR, OSEDiff, SUPIR and InvSR all correct the output against a
 reference (the upsampled LR, or SUPIR's stage-1 image) with the same two functions, which came from

@@ -79,14 +79,24 @@ def test_official_parity(pipeline, case):
     assert np.abs(np.rint(out * 255).astype(np.int16) - png).max() <= PNG_TOLERANCE
 
 
-def test_trace_prompt_and_predictor(pipeline):
+def _trace() -> dict:
     trace_path = FIXTURE / "expected" / "A_s1" / "trace.npz"
     if not trace_path.is_file():
         pytest.skip(f"{trace_path} is absent")
-    trace = np.load(trace_path)
+    return np.load(trace_path)
+
+
+def test_trace_prompt(pipeline):
+    trace = _trace()
     ids = pipeline.m.tokenizer([PROMPT], padding="max_length", max_length=77, truncation=True).input_ids
     assert ids == trace["call0__token_ids"].tolist()
     assert np.abs(pipeline.prompt_embeds.numpy() - trace["call0__prompt_embeds"]).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_trace_predictor(pipeline):
+    """The predictor's raw output against the trace (the parity cases cover it end to end; this localises a fault)."""
+    trace = _trace()
     lr = _read_rgb(FIXTURE / "inputs" / "A_Canon_10_x1.png")
     with torch.no_grad():
         moments = pipeline.m.predictor.moments(lr, torch.tensor([float(trace["call0__unet_t_step0"][0])]))
@@ -162,8 +172,9 @@ def test_cli_and_half_precision(pipeline, tmp_path):
     assert np.abs(np.rint(same[0].permute(1, 2, 0).numpy() * 255) - out).max() <= 1  # the CLI is this path
     half = load_pipeline(str(folder / "noise_predictor_tiny.pth"), str(folder / "sd_turbo_tiny"),
                          predictor_config=str(folder / "noise_predictor_tiny_params.json"), device="cpu", dtype="bf16")
-    low = half.enhance(lr, (200, 100), NoiseSource(seed=3), 32, 8, "ycbcr")
-    assert torch.isfinite(low).all() and (low - same).abs().mean() < 0.05 and (low - same).abs().max() > 0
+    small = lr[..., :16, :16]  # one 16 px patch: bf16 on a CPU without bf16 units is slow
+    low, full = half.enhance(small, (200,), NoiseSource(seed=3), 16), pipeline.enhance(small, (200,), NoiseSource(seed=3), 16)
+    assert torch.isfinite(low).all() and (low - full).abs().mean() < 0.05 and (low - full).abs().max() > 0
 
 
 def test_ycbcr_color_fix():

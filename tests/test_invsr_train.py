@@ -52,10 +52,9 @@ def _setup(tmp_path: Path) -> Config:
     from diffsr.diffusion.tiny import build_tiny_sd2
 
     base = build_tiny_sd2(tmp_path / "base", "sd-turbo")
-    for index in range(2):
-        save_png(tmp_path / "hr" / f"{index}.png", gradient_image(72, 80, seed=index))
+    save_png(tmp_path / "hr" / "0.png", gradient_image(72, 80))
     return Config(data=[str(tmp_path / "hr")], base=str(base.diffusers_dir), lpips_weights="random", predictor=TINY_PREDICTOR,
-                  discriminator=TINY_DISCRIMINATOR, gt_size=32, batch_size=2, num_workers=0, max_steps=2, save_every=2,
+                  discriminator=TINY_DISCRIMINATOR, gt_size=32, batch_size=1, num_workers=0, max_steps=2, save_every=2,
                   log_every=1, warmup_steps=2, dis_init_steps=1, mixed_precision="no", cpu=True, seed=1,
                   gradient_checkpointing=False)
 
