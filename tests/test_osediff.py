@@ -201,7 +201,6 @@ def test_long_thin_image_tiles_instead_of_hanging(pipeline):
     assert [e.total for e in events if e.stage == "tiles"][-1] == len(tiles)
 
 
-@pytest.mark.slow  # ~19 s; the official hook's mode is covered in CI by the parity case d_vaetile
 def test_latent_and_vae_tiling(pipeline):
     """The tiled encoder in exact mode stays at the untiled result (its halo covers most of the tiny VAE's field);
     the official hook's statistics do not. 136 px is above the hook's untiled limit of tile + 2 pad = 128."""
