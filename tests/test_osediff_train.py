@@ -25,7 +25,7 @@ def run(tmp_path_factory):
     hr = gradient_image(64, 64, seed=1)
     save_png(root / "hr" / "a.png", hr)
     config = Config(data=[str(root / "hr")], base=str(base.diffusers_dir), perceptual_loss="l1", gt_size=64, batch_size=1,
-                    num_workers=0, max_steps=2, save_every=100, log_every=1, mixed_precision="no", cpu=True, lr=1e-3)
+                    num_workers=0, max_steps=2, save_every=1, log_every=1, mixed_precision="no", cpu=True, lr=1e-3)
     weights = train(config, root / "run")
     return {"root": root, "base": base, "weights": weights, "hr": hr, "config": config}
 
@@ -40,6 +40,10 @@ def test_run_writes_official_pkl_and_safetensors(run):
     a, b = read_weights(run["weights"]), read_weights(run["weights"].with_suffix(".safetensors"))
     assert a.unet.keys() == b.unet.keys() and all(torch.equal(a.unet[k], b.unet[k]) for k in a.unet)
     assert any(v.abs().max() > 0 for k, v in a.unet.items() if ".lora_B." in k)  # B starts at zero: it was trained
+    step_files = sorted(p.name for p in (run["root"] / "run" / "checkpoints").glob("model_*.pkl"))
+    assert step_files == ["model_1.pkl", "model_2.pkl"]  # the official per-checkpoint files
+    last = read_weights(run["root"] / "run" / "checkpoints" / "model_2.pkl")
+    assert all(torch.equal(last.unet[k], a.unet[k]) for k in a.unet)
     log = [json.loads(line) for line in (run["root"] / "run" / "train-log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2]
     assert {"l2", "l1", "vsd", "diffusion", "loss"} <= set(log[0])

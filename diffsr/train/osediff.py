@@ -23,7 +23,8 @@ vgg16-397923af.pth) and `lpips_weights` (the lpips package's weights/v0.1/vgg.pt
 Without them the run stops with that message, unless `perceptual_loss` names a stand-in ("l1" or "none").
 
 Output: `osediff.pkl` in the official layout (what the official test script and `diffsr upscale --method
-osediff` load) and the same tensors as `osediff.safetensors`. Differences from the official script, on
+osediff` load) and the same tensors as `osediff.safetensors`; every `save_every` steps also
+`checkpoints/model_N.pkl`, beside the accelerate state the run resumes from. Differences from the official script, on
 purpose: it stops at `max_steps` (the official loop never stops; ~14k iterations per the maintainer), and
 the conv_in LoRA tensors are in the optimizer once (the official list holds them twice).
 """
@@ -401,7 +402,23 @@ def train(config: Config, output_dir: str | Path, on_progress: OptionalCallback 
             optimizer_reg.zero_grad()
         losses["diffusion"] = loss_d.detach()
         losses["loss"] = loss.detach()
+        if (index + 1) % config.save_every == 0 and trainer.accelerator.is_main_process:  # as the official model_{step}.pkl
+            write_weights(trainer.unwrap(generator_model), output_dir / "checkpoints" / f"model_{index + 1}.pkl", safetensors=False)
         return {k: float(v) for k, v in losses.items()}
+
+    def write_weights(gen: Generator, path: Path, safetensors: bool = True) -> None:
+        """The generator's trained tensors in the official pkl layout (written atomically), optionally also as safetensors."""
+        checkpoint = official_checkpoint(gen.unet, gen.vae, unet_targets, vae_targets, config.lora_rank, config.lora_rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        torch.save(checkpoint, tmp)
+        tmp.replace(path)
+        if safetensors:
+            from diffsr.pipelines.osediff import OSEDiffWeights
+
+            flat = OSEDiffWeights(checkpoint["state_dict_unet"], checkpoint["state_dict_vae"]).to_state_dict()
+            save_file({k: v.contiguous() for k, v in flat.items()}, str(path.with_suffix(".safetensors")),
+                      metadata={"diffsr_method": "osediff", "steps": str(trainer.step)})
 
     def _vsd_loss(latent: torch.Tensor, embeds: torch.Tensor, neg_embeds: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         count = latent.shape[0]
@@ -423,16 +440,7 @@ def train(config: Config, output_dir: str | Path, on_progress: OptionalCallback 
     trainer.run(step, loader, on_progress)
     weights = output_dir / "osediff.pkl"
     if trainer.accelerator.is_main_process:
-        gen = trainer.unwrap(generator_model)
-        checkpoint = official_checkpoint(gen.unet, gen.vae, unet_targets, vae_targets, config.lora_rank, config.lora_rank)
-        tmp = weights.with_name(weights.name + ".part")
-        torch.save(checkpoint, tmp)
-        tmp.replace(weights)
-        from diffsr.pipelines.osediff import OSEDiffWeights
-
-        flat = OSEDiffWeights(checkpoint["state_dict_unet"], checkpoint["state_dict_vae"]).to_state_dict()
-        save_file({k: v.contiguous() for k, v in flat.items()}, str(weights.with_suffix(".safetensors")),
-                  metadata={"diffsr_method": "osediff", "steps": str(trainer.step)})
+        write_weights(trainer.unwrap(generator_model), weights)
     trainer.accelerator.wait_for_everyone()
     return weights
 
