@@ -415,9 +415,10 @@ def bench(args: argparse.Namespace) -> None:
         return row
 
     for steps in args.steps:
-        rows.append(measure(128, steps, 0))
-    for tile in (0, 256) if args.large else ():
-        rows.append(measure(512, args.large_steps, tile))
+        if steps > 0:  # 0: skip the 128 -> 512 rows (peak RSS growth is per process; measure large runs alone)
+            rows.append(measure(128, steps, 0))
+    for tile in args.tiles if args.large else ():
+        rows.append(measure(args.large_lr, args.large_steps, tile))
     _write(args.name, {"device": str(device), "threads": args.threads, "model": "default (102.8 M), random weights, fp32",
                        "note": "timed on a shared 2-core CPU under heavy load from other jobs; read as upper bounds",
                        "rows": rows})
@@ -482,6 +483,9 @@ def main() -> None:
     p3.add_argument("--steps", type=int, nargs="+", default=[50, 20])
     p3.add_argument("--large", action="store_true", help="also 512 -> 2048, tiled and untiled")
     p3.add_argument("--large-steps", type=int, default=1)
+    p3.add_argument("--large-lr", type=int, default=512, help="LR side of the large run (512 -> 2048 output)")
+    p3.add_argument("--tiles", type=int, nargs="+", default=[256, 0], help="tile sizes of the large run (0 = untiled), "
+                    "smallest peak first: peak RSS growth is per process")
     p3.add_argument("--threads", type=int, default=2)
     p3.add_argument("--name", default="bench")
     p3.set_defaults(func=bench)
