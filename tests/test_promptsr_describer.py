@@ -72,7 +72,7 @@ def _held_out(count: int):
     degrader = Degrader(PRESETS["promptsr"], 4)
     lrs, labels = [], []
     for i, path in enumerate(files):
-        hr = to_tensor(load_rgb(path))[:, :320, :320]
+        hr = to_tensor(load_rgb(path))[:, :256, :256]
         batch = degrader(hr[None], [sample_seed(2024, i)])
         lrs.append(batch.lr)
         labels.append(labels_from_steps(batch.records[0].steps))
