@@ -239,10 +239,13 @@ def create_app(config: ServerConfig = ServerConfig()) -> FastAPI:
                     if job is None:
                         yield "event: gone\ndata: {}\n\n"
                         return
+                    # read before the status is built: a job that finishes in between then gets one more
+                    # round, so its final status is always sent before the stream ends
+                    finished = job.state.finished
                     if job.version != last:
                         last = job.version
                         yield f"id: {last}\nevent: status\ndata: {status(job).model_dump_json()}\n\n"
-                    if job.state.finished:
+                    if finished:
                         return
                     try:
                         await asyncio.wait_for(event.wait(), timeout=15)
