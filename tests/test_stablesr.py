@@ -28,13 +28,7 @@ from diffsr.pipelines.stablesr import (
 SMALL = dict(steps=2, input_size=32, latent_tile=4, latent_overlap=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are all per-operation overhead, which extra threads only add to (8x on a busy 2-core CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from diffsr.train.loop import ConfigError
 TINY_ENCODER = dict(encoder_channels=32, encoder_mult=(2, 2), encoder_res_blocks=1, encoder_attention=(1,), encoder_out_channels=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

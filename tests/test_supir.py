@@ -41,20 +41,12 @@ BF16_FP32_VAE_MAX, BF16_FP32_VAE_MEAN = 8e-2, 8e-3
 
 
 @pytest.fixture(scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def root():
     return fixture_root()
 
 
 @pytest.fixture(scope="module")
-def pipeline(root, single_thread) -> SUPIRPipeline:
+def pipeline(root, one_thread) -> SUPIRPipeline:
     return SUPIRPipeline.from_files(root / "weights" / "supir_v0Q_tiny.ckpt", root / "weights" / "sdxl_base_tiny.safetensors",
                                     device="cpu", dtype="fp32", base_spec=base_spec(root), accept_licence=True)
 
@@ -222,7 +214,7 @@ def test_config_dir_loads_like_the_spec(root, tmp_path, pipeline):
     assert all(torch.equal(v, reference[k]) for k, v in loaded.unet.state_dict().items())
 
 
-def test_cli_reproduces_the_official_png(root, tmp_path, single_thread):
+def test_cli_reproduces_the_official_png(root, tmp_path, one_thread):
     """`diffsr upscale --method supir` with test.py's seed gives test.py's PNG (the draws are the official ones)."""
     from diffsr.cli.main import main
     from diffsr.io import read_settings
@@ -271,7 +263,7 @@ def _reduced_precision_run(root, dtype: str, vae_fp32: bool = False):
     return np.abs(result.output.numpy() - case.array("output.npy")), low
 
 
-def test_fp16_denoiser_against_fp32(root, single_thread):
+def test_fp16_denoiser_against_fp32(root, one_thread):
     """fp16 networks (the SDXL VAE stays fp32: its config says force_upcast) vs the official fp32 output.
 
     fp16's unit roundoff is 4.9e-4; measured max 2.2e-3 / mean 2.5e-4 on outputs reaching 4. The bound
@@ -283,7 +275,7 @@ def test_fp16_denoiser_against_fp32(root, single_thread):
     assert diff.max() <= 1e-2 and diff.mean() <= 1e-3, (diff.max(), diff.mean())
 
 
-def test_bf16_against_fp32(root, single_thread):
+def test_bf16_against_fp32(root, one_thread):
     """bf16 everywhere (VAE included, as the official --ae_dtype bf16): a sanity bound only.
 
     bf16 keeps 8 mantissa bits (roundoff 3.9e-3); with random VAE weights the stage-1 image moves by
@@ -294,7 +286,7 @@ def test_bf16_against_fp32(root, single_thread):
     assert np.isfinite(diff).all() and diff.max() <= 0.25 and diff.mean() <= 0.03, (diff.max(), diff.mean())
 
 
-def test_bf16_with_fp32_vae(root, single_thread):
+def test_bf16_with_fp32_vae(root, one_thread):
     """bf16 networks with --vae-fp32 (the official --ae_dtype fp32): the VAE's amplification is gone."""
     diff, low = _reduced_precision_run(root, "bf16", vae_fp32=True)
     assert next(low.models.vae.parameters()).dtype == torch.float32

@@ -19,10 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, one_thread):
     root = fixture_root()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("supir_train")
     for i in range(2):
         save_png(folder / "hq" / f"img{i}.png", gradient_image(72, 80, seed=i))
@@ -30,8 +28,7 @@ def setup(tmp_path_factory):
     common = dict(base=str(root / "weights" / "sdxl_base_tiny.safetensors"), config_dir=str(write_config_dir(base_spec(root), folder / "cfg")),
                   data=[str(folder / "hq")], captions=str(folder / "captions.json"), crop_size=64, scale=4, batch_size=1,
                   accept_licence=True, cpu=True, save_every=1, log_every=1, lr=1e-3)
-    yield root, folder, common
-    torch.set_num_threads(threads)
+    return root, folder, common
 
 
 def test_encoder_then_adaptor_stage(setup):

@@ -14,16 +14,7 @@ from diffsr.vae_tiling import (
     tiled_vae,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Lockstep tiling runs many tiny ops: on a busy machine thread hand-offs cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
