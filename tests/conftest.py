@@ -19,6 +19,11 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def fixture_folder(method: str) -> Path:
+    """A method's official-output fixture folder: $DIFFSR_FIXTURE_<METHOD>, else ../shared/fixtures/<method>."""
+    return Path(os.environ.get(f"DIFFSR_FIXTURE_{method.upper()}") or SHARED / "fixtures" / method)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module of tiny-model tests: their many tiny ops are per-operation overhead,

@@ -8,7 +8,6 @@ folder of the same layout, with other widths or cases, works too.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,9 @@ ROLE_NAMES = {"encoder_posterior_eps": "vae_posterior"}
 
 def fixture_root() -> Path:
     """The fixture folder, or skip with the reason when it is absent."""
-    from conftest import SHARED
+    from conftest import fixture_folder
 
-    root = Path(os.environ.get("DIFFSR_FIXTURE_STABLESR", SHARED / "fixtures" / "stablesr"))
+    root = fixture_folder("stablesr")
     if not (root / "manifest.json").is_file():
         pytest.skip(f"StableSR fixture folder {root} (manifest.json) is absent: set DIFFSR_FIXTURE_STABLESR or provide ../shared")
     return root

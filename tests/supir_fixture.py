@@ -8,7 +8,6 @@ folder of the same layout, with other sizes or cases, works too.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED
+from conftest import fixture_folder
 from PIL import Image
 
 from diffsr.diffusion.bases import BASES, BaseSpec, TextEncoderSpec
@@ -24,7 +23,7 @@ from diffsr.diffusion.bases import BASES, BaseSpec, TextEncoderSpec
 
 def fixture_root() -> Path:
     """The fixture folder, or skip with the reason when it is absent (as on a user's machine)."""
-    root = Path(os.environ.get("DIFFSR_FIXTURE_SUPIR", SHARED / "fixtures" / "supir"))
+    root = fixture_folder("supir")
     if not (root / "cases.json").is_file():
         pytest.skip(f"{root} is absent (set DIFFSR_FIXTURE_SUPIR to a SUPIR fixture folder): it exists only beside the development checkout and in CI")
     return root
@@ -139,7 +138,7 @@ def cases(root: Path) -> list[Case]:
 
 def case_names() -> list[str]:
     """Case names for parametrisation at collection time ([] when the folder is absent: the test then skips)."""
-    root = Path(os.environ.get("DIFFSR_FIXTURE_SUPIR", SHARED / "fixtures" / "supir"))
+    root = fixture_folder("supir")
     if not (root / "cases.json").is_file():
         return ["absent"]
     return list(json.loads((root / "cases.json").read_text())["cases"])

@@ -7,13 +7,12 @@ cases, so a case added there (or another folder of the same layout) needs no cha
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import fixture_folder
 from PIL import Image
 
 pytest.importorskip("diffusers")
@@ -23,7 +22,7 @@ from diffsr.models.invsr import NoisePredictorConfig, infer_config, load_noise_p
 from diffsr.models.loading import WeightsError  # noqa: E402
 from diffsr.pipelines.invsr import OFFICIAL_TIMESTEPS, PROMPT, load_pipeline, timestep_schedule  # noqa: E402
 
-FIXTURE = Path(os.environ.get("DIFFSR_FIXTURE_INVSR") or REPO.parent / "shared" / "fixtures" / "invsr")
+FIXTURE = fixture_folder("invsr")
 FLOAT_TOLERANCE = 1e-4  # the fixture README's tolerances
 PNG_TOLERANCE = 1
 

@@ -9,7 +9,6 @@ colour-fix cases re-run case a's model) are computed once and shared.
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import fixture_folder
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path(os.environ.get("DIFFSR_FIXTURE_OSEDIFF", REPO.parent / "shared" / "fixtures" / "osediff"))
+FIXTURE = fixture_folder("osediff")
 CASES_FILE = FIXTURE / "cases.json"
 ABSENT = f"{CASES_FILE} is absent (set DIFFSR_FIXTURE_OSEDIFF to an OSEDiff fixture folder)"
 
