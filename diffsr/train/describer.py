@@ -87,9 +87,7 @@ def train(config: Config, output_dir: str | Path, on_progress: OptionalCallback 
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir = Path(output_dir)
-    settings = LoopSettings(max_steps=config.max_steps, save_every=config.save_every, log_every=config.log_every,
-                            mixed_precision=config.mixed_precision, seed=config.seed, cpu=config.cpu)
-    trainer = Trainer(output_dir, settings)
+    trainer = Trainer(output_dir, LoopSettings.from_config(config))
     dataset = HRFolderDataset(list(config.data), crop_size=config.hr_crop, degradation=None, seed=config.seed)
     if not dataset.files:
         raise ValueError(f"no training images under {', '.join(config.data)}")

@@ -291,10 +291,6 @@ class Config:
     seed: int = 123456
     cpu: bool = False
 
-    def loop_settings(self) -> LoopSettings:
-        names = {f.name for f in dataclasses.fields(LoopSettings)}
-        return LoopSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
 
 class _EMA(nn.Module):
     """EMA of the predictor with the official decay min(rate, (1 + it) / (10 + it)); checkpointed with the run."""
@@ -335,7 +331,7 @@ def train(config: Config, output_dir: str | Path, on_progress: OptionalCallback 
     if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
         raise ConfigError("setting mixed_precision: fp16 (the official setting) needs a CUDA GPU; use bf16 or no on the CPU")
     output_dir = Path(output_dir)
-    trainer = Trainer(output_dir, config.loop_settings())
+    trainer = Trainer(output_dir, LoopSettings.from_config(config))
     device = trainer.device
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
 

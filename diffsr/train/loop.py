@@ -114,6 +114,12 @@ class LoopSettings:
     cpu: bool = False
     """Train on the CPU even when a GPU is present."""
 
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> LoopSettings:
+        """The loop's fields of a recipe's Config (those it declares; defaults for the rest), `overrides` on top."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in dataclasses.asdict(config).items() if k in names}, **overrides})
+
 
 class Trainer:
     """Runs `step(batch, step_index) -> {name: float}` until `max_steps`, with checkpoints and resume.

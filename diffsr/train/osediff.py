@@ -203,10 +203,6 @@ class Config:
     seed: int = 123
     cpu: bool = False
 
-    def loop_settings(self) -> LoopSettings:
-        names = {f.name for f in dataclasses.fields(LoopSettings)}
-        return LoopSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
 
 # ------------------------------------------------------------------------------------------------ models
 
@@ -300,7 +296,7 @@ def train(config: Config, output_dir: str | Path, on_progress: OptionalCallback 
     captions = _captions(config.captions)
     perceptual = build_perceptual(config)
     output_dir = Path(output_dir)
-    trainer = Trainer(output_dir, config.loop_settings())
+    trainer = Trainer(output_dir, LoopSettings.from_config(config))
     device = trainer.device
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
 

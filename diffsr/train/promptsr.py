@@ -125,9 +125,7 @@ def train(config: Config, output_dir: str | Path, on_progress: OptionalCallback 
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and not config.cpu else "no"
-    settings = LoopSettings(max_steps=config.max_steps, save_every=config.save_every, log_every=config.log_every,
-                            mixed_precision=precision, seed=config.seed, cpu=config.cpu)
-    trainer = Trainer(output_dir, settings)
+    trainer = Trainer(output_dir, LoopSettings.from_config(config, mixed_precision=precision))
     encoder = encoder or make_encoder(config.text_encoder, config.phrase_table_dim)
     learned = isinstance(encoder, PhraseTableEncoder)
     unet = build_unet(config.size, encoder.hidden_size, config.dropout, seed=config.seed)

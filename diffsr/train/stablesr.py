@@ -91,10 +91,6 @@ class Config:
     seed: int = 0
     cpu: bool = False
 
-    def loop_settings(self) -> LoopSettings:
-        names = {f.name for f in dataclasses.fields(LoopSettings)}
-        return LoopSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
 
 def _check(config: Config) -> None:
     if config.stage not in STAGES:
@@ -255,7 +251,7 @@ def _train_sft(config: Config, output_dir: Path, on_progress: OptionalCallback, 
     from diffsr.data.folders import HRFolderDataset
     from diffsr.pipelines.stablesr import empty_prompt_context, read_stablesr_checkpoint
 
-    trainer = Trainer(output_dir, config.loop_settings())
+    trainer = Trainer(output_dir, LoopSettings.from_config(config))
     device = trainer.device
     frozen = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     base = _base(config, ("unet", "vae", "text_encoder", "tokenizer"))
@@ -337,7 +333,7 @@ def _train_cfw(config: Config, output_dir: Path, on_progress: OptionalCallback, 
     from diffsr.diffusion.ldm_layout import vae_to_ldm
     from diffsr.pipelines.stablesr import NoiseSource, StableSRPipeline, build_models, read_stablesr_checkpoint
 
-    trainer = Trainer(output_dir, config.loop_settings())
+    trainer = Trainer(output_dir, LoopSettings.from_config(config))
     device = trainer.device
     generator_pipeline = None
     if config.pairs:

@@ -76,10 +76,6 @@ class Config:
     seed: int = 0
     cpu: bool = False
 
-    def loop_settings(self) -> LoopSettings:
-        names = {f.name for f in dataclasses.fields(LoopSettings)}
-        return LoopSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
 
 class _Flagged(torch.utils.data.Dataset):
     """Positive and negative-quality images in one dataset (one loader keeps resume exact), each item flagged."""
@@ -182,7 +178,7 @@ def train(config: Config, output_dir: str | Path, on_progress: OptionalCallback 
     require_acceptance("supir", LICENCE, config.accept_licence)
     captions = _captions(config.captions)
     output_dir = Path(output_dir)
-    trainer = Trainer(output_dir, config.loop_settings())
+    trainer = Trainer(output_dir, LoopSettings.from_config(config))
     device = trainer.device
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     base = load_base(config.base, "sdxl-base", dtype=torch.float32, device="cpu", config_dir=config.config_dir)
