@@ -9,7 +9,6 @@ run stopped. The per-file work (FileWorker) is the same for the local loop and t
 from __future__ import annotations
 
 import glob
-import io
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -380,7 +379,7 @@ def run_batch(
 def _recorded_source(output: LocalOutput | RemoteOutput, relative: PurePosixPath) -> tuple[str, str] | None:
     """(input hash, settings digest) that diffsr recorded in an output file, or None for other files."""
     try:
-        settings = read_settings(io.BytesIO(output.read(relative)))
+        settings = read_settings(output.openable(relative))
     except Exception:  # unreadable or foreign files simply carry no record
         return None
     if not settings or "settings_digest" not in settings:

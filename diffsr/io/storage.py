@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -133,8 +134,6 @@ def list_remote(uri: str, recursive: bool, accept) -> list[RemoteFile] | None:
 class LocalOutput:
     """An output folder on this machine: outputs written through a temporary file and a rename."""
 
-    remote = False
-
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
@@ -149,8 +148,9 @@ class LocalOutput:
         path = self.folder / relative
         return path.stat().st_size if path.is_file() else None
 
-    def read(self, relative: PurePosixPath) -> bytes:
-        return (self.folder / relative).read_bytes()
+    def openable(self, relative: PurePosixPath) -> Path:
+        """What Pillow opens to read an output's metadata: the path (only the header is read)."""
+        return self.folder / relative
 
     def write(self, relative: PurePosixPath, data: bytes) -> None:
         target = self.folder / relative
@@ -166,8 +166,6 @@ class LocalOutput:
 
 class RemoteOutput:
     """An output folder on a pyarrow filesystem (see the module docstring for atomicity and the manifest)."""
-
-    remote = True
 
     def __init__(self, uri: str, state_root: Path | None = None):
         self.uri = uri
@@ -194,6 +192,10 @@ class RemoteOutput:
     def read(self, relative: str | PurePosixPath) -> bytes:
         with self.fs.open_input_file(self._path(relative)) as handle:
             return handle.read()
+
+    def openable(self, relative: PurePosixPath) -> io.BytesIO:
+        """What Pillow opens to read an output's metadata: its bytes, fetched."""
+        return io.BytesIO(self.read(relative))
 
     def write(self, relative: str | PurePosixPath, data: bytes) -> None:
         target = self._path(relative)
