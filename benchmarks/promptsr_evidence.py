@@ -1,7 +1,8 @@
-"""PromptSR evidence on a CPU (research note promptsr.md, 7.2): E1 describer, E2 text path, E4 describer prompts, bench.
+"""PromptSR evidence on a CPU (research note promptsr.md, 7.2): E1 describer, E2 text path, E3 diffusion, E4 describer prompts, bench.
 
     PYTHONPATH=. python benchmarks/promptsr_evidence.py e1 --describer diffsr/models/describer.safetensors
     PYTHONPATH=. python benchmarks/promptsr_evidence.py e2 --budget-minutes 6
+    PYTHONPATH=. python benchmarks/promptsr_evidence.py e3 --budget-minutes 25
     PYTHONPATH=. python benchmarks/promptsr_evidence.py bench
 
 Needs ../shared/data (BSDS500 train for training, B100 = BSDS500 val for testing, never trained on).
@@ -91,68 +92,146 @@ def laplacian_energy(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ E1
 
 
+def _edge_distance(steps: list[dict], bins) -> dict[str, float]:
+    """Per applied stage: distance of its parameter to the nearest inner bin edge, in widths of the bin it falls in."""
+    out = {}
+    for step in steps:
+        if step.get("pass") == "final":
+            continue
+        kind = step["stage"]
+        if kind == "blur":
+            value, b, stage = max(step["sigma_x"], step["sigma_y"]), bins.blur, "blur"
+        elif kind == "noise":
+            value, stage = (step["sigma"], "noise") if step["type"] == "gaussian" else (step["scale"], "noise")
+            b = bins.gaussian_noise if step["type"] == "gaussian" else bins.poisson_noise
+        elif kind == "jpeg":
+            value, b, stage = float(step["quality"]), bins.compression, "compression"
+        else:
+            continue
+        i = b.index(value)
+        width = b.edges[i + 1] - b.edges[i]
+        out[stage] = min(abs(value - e) for e in b.edges[1:-1]) / width
+    return out
+
+
+def _ece(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
+    """Expected calibration error of the top class (equal-width confidence bins)."""
+    confidence, predicted = probabilities.max(1)
+    correct = (predicted == labels).float()
+    index = (confidence * bins).long().clamp(max=bins - 1)
+    return float(sum((index == b).float().sum() / len(labels) * (correct[index == b].mean() - confidence[index == b].mean()).abs()
+                     for b in range(bins) if (index == b).any()))
+
+
+def _stage_report(stage: str, y: torch.Tensor, logits: torch.Tensor, majority: int, threshold: float) -> dict:
+    from diffsr.models.describer import CLASSES
+
+    p = logits.argmax(1)
+    probs = logits.softmax(1)
+    k = len(CLASSES[stage])
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    for a, b in zip(y.tolist(), p.tolist()):
+        confusion[a, b] += 1
+    f1 = []
+    for c in range(k):
+        tp = confusion[c, c].item()
+        prec, rec = tp / max(1, confusion[:, c].sum().item()), tp / max(1, confusion[c].sum().item())
+        f1.append(0.0 if tp == 0 else 2 * prec * rec / (prec + rec))
+    stated = probs.max(1).values >= threshold
+    return {
+        "classes": list(CLASSES[stage]),
+        "accuracy": float((p == y).float().mean()),
+        "macro_f1": sum(f1) / k,
+        "ordinal_error_rate": float(((p - y).abs() >= 2).float().mean()) if stage != "resize" else None,
+        "expected_calibration_error": _ece(probs, y),
+        f"stated_at_threshold_{threshold:g}": {"fraction": float(stated.float().mean()),
+                                               "accuracy": float((p == y)[stated].float().mean()) if stated.any() else None},
+        "confusion_true_rows_pred_cols": confusion.tolist(),
+        "chance_majority_class": CLASSES[stage][majority],
+        "chance_accuracy": float((y == majority).float().mean()),
+        "uniform_guess_accuracy": 1 / k,
+    }
+
+
 def e1(args: argparse.Namespace) -> None:
-    """The describer on held-out B100 (natural PromptSR distribution, fixed order) vs chance and classical baselines."""
-    from diffsr.models.describer import BASELINES, CLASSES, STAGES, DegradationDescriber, ThresholdClassifier, labels_from_steps
+    """The describer on held-out B100 (natural PromptSR distribution, fixed order) vs chance and classical baselines.
+
+    The natural set is scored twice: with the describer's own (balanced) class priors, and with the logits
+    moved to the natural chain's priors (`prior_shift`, Bayes' rule; no fitted parameter)."""
+    from diffsr.degrade.prompts import PromptBins
+    from diffsr.models.describer import BASELINES, CLASSES, STAGES, DegradationDescriber, ThresholdClassifier, labels_from_steps, prior_shift
     from diffsr.train.describer import degradation
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     describer = DegradationDescriber.load(args.describer)
+    describer.logit_shift = {}  # score the network's own posteriors; the priors are applied explicitly below
+    bins = PromptBins()
     b100 = load_hr(SHARED / "bench" / "b100" / "HR")
     tests = [img for img in b100 for _ in range(args.seeds)]
     results: dict = {"describer": str(args.describer), "describer_metadata": describer.metadata, "seeds_per_image": args.seeds,
-                     "test_images": len(tests), "sets": {}}
+                     "test_images": len(tests), "threshold": args.threshold, "sets": {}}
     calib_hr = load_hr(SHARED / "train" / "bsds500", args.calibration)
+    trained_on = degradation(True)
     for mode in ("natural", "balanced"):
-        config = PRESETS["promptsr"] if mode == "natural" else degradation(True)
+        config = PRESETS["promptsr"] if mode == "natural" else trained_on
         lrs, records = degrade_all(tests, config, [sample_seed(1234, mode, i) for i in range(len(tests))])
         labels = {s: torch.tensor([labels_from_steps(r.steps)[s] for r in records]) for s in STAGES}
-        predicted = {s: [] for s in STAGES}
+        raw = {s: [] for s in STAGES}
         for lr in lrs:
             out = describer.logits(lr[None])
             for s in STAGES:
-                predicted[s].append(int(out[s].argmax(1)))
+                raw[s].append(out[s][0])
+        raw = {s: torch.stack(v) for s, v in raw.items()}
+        shift = prior_shift(trained_on, config)
+        variants = {"describer_priors": raw, "target_priors": {s: raw[s] + torch.tensor(shift[s]) for s in STAGES}}
         # baselines calibrated on BSDS500 train images degraded the same way
         c_lrs, c_records = degrade_all(calib_hr, config, [sample_seed(99, mode, i) for i in range(len(calib_hr))])
         c_labels = {s: torch.tensor([labels_from_steps(r.steps)[s] for r in c_records]) for s in STAGES}
-        report = {}
-        for s in STAGES:
-            y, p = labels[s], torch.tensor(predicted[s])
-            k = len(CLASSES[s])
-            confusion = torch.zeros(k, k, dtype=torch.long)
-            for a, b in zip(y.tolist(), p.tolist()):
-                confusion[a, b] += 1
-            f1 = []
-            for c in range(k):
-                tp = confusion[c, c].item()
-                prec = tp / max(1, confusion[:, c].sum().item())
-                rec = tp / max(1, confusion[c].sum().item())
-                f1.append(0.0 if tp == 0 else 2 * prec * rec / (prec + rec))
-            majority = int(torch.bincount(c_labels[s], minlength=k).argmax())
-            entry = {
-                "classes": list(CLASSES[s]),
-                "accuracy": float((p == y).float().mean()),
-                "macro_f1": sum(f1) / k,
-                "ordinal_error_rate": float(((p - y).abs() >= 2).float().mean()) if s != "resize" else None,
-                "confusion_true_rows_pred_cols": confusion.tolist(),
-                "chance_majority_class": CLASSES[s][majority],
-                "chance_accuracy": float((y == majority).float().mean()),
-                "uniform_guess_accuracy": 1 / k,
+        distances = [_edge_distance(r.steps, bins) for r in records]
+        factors = torch.tensor([next((st.get("factor", 1.0) for st in r.steps if st["stage"] == "resize" and st.get("pass") == 1), 1.0)
+                                for r in records])
+        entry_set: dict = {}
+        for variant, logits in variants.items():
+            if mode == "balanced" and variant == "target_priors":
+                continue  # the balanced set has the describer's own priors: the shift is zero
+            report = {}
+            for s in STAGES:
+                y = labels[s]
+                majority = int(torch.bincount(c_labels[s], minlength=len(CLASSES[s])).argmax())
+                entry = _stage_report(s, y, logits[s], majority, args.threshold)
+                if s != "resize":  # accuracy against the distance to the nearest bin edge, on images where the stage ran
+                    hit = (logits[s].argmax(1) == y)
+                    dist = torch.tensor([d.get(s, -1.0) for d in distances])
+                    entry["accuracy_by_edge_distance"] = {
+                        f"[{lo}, {hi})": {"count": int(((dist >= lo) & (dist < hi)).sum()),
+                                          "accuracy": float(hit[(dist >= lo) & (dist < hi)].float().mean()) if ((dist >= lo) & (dist < hi)).any() else None}
+                        for lo, hi in ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 9.0))}
+                if s in BASELINES and variant == "describer_priors":
+                    fn = BASELINES[s]
+                    feature = torch.stack([fn(lr[None])[0] for lr in lrs])
+                    c_feature = torch.stack([fn(lr[None])[0] for lr in c_lrs])
+                    classifier = ThresholdClassifier.fit(c_feature, c_labels[s])
+                    entry["baseline"] = {"name": fn.__name__, "accuracy": float((classifier.predict(feature) == y).float().mean()),
+                                         "thresholds": classifier.thresholds, "class_order": classifier.order}
+                report[s] = entry
+                base = entry.get("baseline", {}).get("accuracy")
+                print(f"{mode:9s} {variant:16s} {s:12s} acc {entry['accuracy']:.3f}  chance {entry['chance_accuracy']:.3f}  "
+                      f"ece {entry['expected_calibration_error']:.3f}  baseline {base if base is None else round(base, 3)}")
+            predicted = {s: logits[s].argmax(1) for s in STAGES}
+            noise_hit = predicted["noise"] == labels["noise"]
+            interactions = {
+                "noise_accuracy_when_blur_heavy": float(noise_hit[labels["blur"] == 3].float().mean()),
+                "compression_accuracy_when_noise_heavy": float((predicted["compression"] == labels["compression"])[labels["noise"] == 3].float().mean()),
+                "blur_accuracy_when_resize_up": float((predicted["blur"] == labels["blur"])[labels["resize"] == 2].float().mean()),
+                # the noise seen in the LR is the drawn sigma scaled by the final resize (1 / (4 x first factor))
+                "noise_accuracy_by_first_resize_factor": {
+                    f"[{lo}, {hi})": float(noise_hit[(factors >= lo) & (factors < hi)].float().mean())
+                    for lo, hi in ((0.15, 0.35), (0.35, 0.7), (0.7, 1.0001), (1.0001, 1.6)) if ((factors >= lo) & (factors < hi)).any()},
             }
-            if s in BASELINES:
-                fn = BASELINES[s]
-                feature = torch.stack([fn(lr[None])[0] for lr in lrs])
-                c_feature = torch.stack([fn(lr[None])[0] for lr in c_lrs])
-                classifier = ThresholdClassifier.fit(c_feature, c_labels[s])
-                entry["baseline"] = {"name": fn.__name__, "accuracy": float((classifier.predict(feature) == y).float().mean()),
-                                     "thresholds": classifier.thresholds, "class_order": classifier.order}
-            report[s] = entry
-            base = entry.get("baseline", {}).get("accuracy")
-            print(f"{mode:9s} {s:12s} acc {entry['accuracy']:.3f}  chance {entry['chance_accuracy']:.3f}  "
-                  f"baseline {base if base is None else round(base, 3)}")
-        exact = [all(predicted[s][i] == int(labels[s][i]) for s in STAGES) for i in range(len(lrs))]
-        results["sets"][mode] = {"per_stage": report, "exact_match": sum(exact) / len(exact)}
+            exact = torch.stack([predicted[s] == labels[s] for s in STAGES]).all(0)
+            entry_set[variant] = {"per_stage": report, "exact_match": float(exact.float().mean()), "interactions": interactions}
+        results["sets"][mode] = entry_set
     results["seconds"] = round(time.perf_counter() - started, 1)
     _write(args.name, results)
     _e1_figure(results, RESULTS / f"{args.name}.png")
@@ -164,10 +243,13 @@ def _e1_figure(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = list(results["sets"]["natural"]["per_stage"])
+    stages = list(results["sets"]["natural"]["describer_priors"]["per_stage"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, mode in zip(axes, ("natural", "balanced")):
-        rep = results["sets"][mode]["per_stage"]
+        rep = results["sets"][mode]["describer_priors"]["per_stage"]
+        if mode == "natural":
+            ax.scatter([i - 0.27 for i in range(len(stages))], [results["sets"][mode]["target_priors"]["per_stage"][s]["accuracy"]
+                                                               for s in stages], marker="_", s=300, color="k", label="with natural priors", zorder=3)
         x = range(len(stages))
         ax.bar([i - 0.27 for i in x], [rep[s]["accuracy"] for s in stages], 0.27, label="describer")
         ax.bar(list(x), [rep[s].get("baseline", {}).get("accuracy", 0) for s in stages], 0.27, label="classical baseline")
@@ -176,6 +258,7 @@ def _e1_figure(results: dict, path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_title(f"held-out B100, {mode} sampling")
     axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -383,6 +466,188 @@ def _e2_figure(result: dict, hr, lr, out_light, out_heavy, levels, path: Path) -
     print(f"wrote {path}")
 
 
+# ------------------------------------------------------------------------------------------- E3 + E4
+
+
+BLUR_RANGES = {"light": (0.2, 0.99), "heavy": (2.0, 3.0)}
+SWAP = {"light": "heavy", "heavy": "light"}
+
+
+def _e3_config(blur: str, noise: str):
+    """PromptSR's chain reduced to blur and Gaussian noise, each in one of two well-separated bins, + the x4 downsample."""
+    base = PRESETS["promptsr"]
+    kernel = replace(base.first.kernel, sigma=BLUR_RANGES[blur])
+    first = replace(base.first, blur_prob=1.0, kernel=kernel, resize_probs=(0.0, 0.0, 1.0), noise_prob=1.0, gaussian_prob=1.0,
+                    noise_sigma=LEVEL_RANGES[noise], jpeg_prob=0.0)
+    return replace(base, name=f"promptsr_e3_{blur}_blur_{noise}_noise", first=first)
+
+
+def _e3_prompt(blur: str | None, noise: str | None) -> str:
+    return ", ".join([f"{blur} blur"] * bool(blur) + [f"{noise} noise"] * bool(noise) + ["downsample"])
+
+
+def _e3_data(images: list[torch.Tensor], seed: int) -> list[dict]:
+    """Each image degraded once per (blur, noise) level pair; the record's prompt is checked against the levels."""
+    items = []
+    for blur in BLUR_RANGES:
+        for noise in LEVEL_RANGES:
+            lrs, records = degrade_all(images, _e3_config(blur, noise), [sample_seed(seed, blur, noise, i) for i in range(len(images))])
+            for img, lr, record in zip(images, lrs, records):
+                prompt = record.prompt()
+                assert prompt == _e3_prompt(blur, noise), (prompt, blur, noise)
+                items.append({"hr": img, "lr": lr, "blur": blur, "noise": noise, "prompt": prompt})
+    return items
+
+
+def e3(args: argparse.Namespace) -> None:
+    """The diffusion model proper: does it use the prompt? correct / empty / swapped / partial prompts, CFG (+ E4)."""
+    from diffsr.models.describer import DegradationDescriber
+    from diffsr.models.promptsr import TRAIN_TIMESTEPS, EmbeddingCache, PromptSRConfig, build_unet, minilm_encoder, predict_noise, train_scheduler, upsample_lr
+    from diffsr.pipelines.promptsr import PromptSRPipeline
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    train_items = _e3_data(load_hr(SHARED / "train" / "bsds500", args.train_images), 0)
+    test_items = _e3_data(load_hr(SHARED / "bench" / "b100" / "HR", args.test_images), 777)
+    data_seconds = time.perf_counter() - started
+    encoder = minilm_encoder()
+    cache = EmbeddingCache(encoder)
+    scheduler = train_scheduler()
+    unet = build_unet("cpu-tiny", encoder.hidden_size, seed=args.seed)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    lr_size = args.hr_crop // 4
+    t0, step, losses = time.perf_counter(), 0, []
+    while time.perf_counter() - t0 < args.budget_minutes * 60:
+        hr, lr, index = _crops(train_items, args.batch, gen, lr_size)
+        texts = ["" if float(torch.rand(1, generator=gen)) < 0.1 else train_items[i]["prompt"] for i in index]
+        x0 = hr * 2 - 1
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
+        loss = F.l1_loss(predict_noise(unet, scheduler.add_noise(x0, noise, t), upsample_lr(lr), t, cache(texts, "cpu")), noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        if step % 50 == 0:
+            print(f"e3 step {step} loss {sum(losses[-50:]) / 50:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    train_seconds = time.perf_counter() - t0
+    if args.save_model:
+        torch.save({"unet": unet.state_dict(), "steps": step}, args.save_model)
+
+    unet.eval()
+    pipe = PromptSRPipeline(unet, encoder, {}, PromptSRConfig(text_encoder=encoder.identity()))
+    crop_gen = torch.Generator().manual_seed(1)
+    hr, lr, index = _crops(test_items, len(test_items), crop_gen, lr_size, fixed=True)
+    items = [test_items[i] for i in index]
+    prompts = {
+        "correct": [it["prompt"] for it in items],
+        "empty": [""] * len(items),
+        "swapped": [_e3_prompt(SWAP[it["blur"]], SWAP[it["noise"]]) for it in items],
+        "partial": [_e3_prompt(it["blur"], None) if k % 2 else _e3_prompt(None, it["noise"]) for k, it in enumerate(items)],
+        "heavy_noise": [_e3_prompt(it["blur"], "heavy") for it in items],
+        "light_noise": [_e3_prompt(it["blur"], "light") for it in items],
+    }
+    runs = [(name, 1.0) for name in ("correct", "empty", "swapped", "partial", "heavy_noise", "light_noise")]
+    runs += [("heavy_noise", args.guidance), ("light_noise", args.guidance)]
+    outputs: dict[str, torch.Tensor] = {}
+    t1 = time.perf_counter()
+
+    def sample(texts: list[str], guidance: float) -> torch.Tensor:
+        outs = []
+        for seed in range(args.seeds):
+            for start in range(0, len(texts), 64):
+                sl = slice(start, start + 64)
+                outs.append(pipe(lr[sl], texts[sl], steps=args.steps, guidance_scale=guidance, seed=seed * 1000 + start, tile=0))
+        return torch.cat(outs)  # seed-major: [seed 0: all crops, seed 1: all crops, ...]
+
+    for name, guidance in runs:
+        key = name if guidance == 1.0 else f"{name}@{guidance:g}"
+        outputs[key] = sample(prompts[name], guidance)
+        print(f"sampled {key} ({time.perf_counter() - t1:.0f} s)", flush=True)
+    sample_seconds = time.perf_counter() - t1
+    hr_all = hr.repeat(args.seeds, 1, 1, 1)
+    p = {k: psnr(outputs[k], hr_all) for k in ("correct", "empty", "swapped", "partial")}
+
+    def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+        diff = a - b
+        return {"mean_db": float(diff.mean()), "ci95_db": bootstrap_ci(diff), "wins": float((diff > 0).float().mean())}
+
+    def spread(g: str) -> dict:
+        heavy, light = outputs["heavy_noise" + g], outputs["light_noise" + g]
+        hf_h, hf_l = laplacian_energy(heavy), laplacian_energy(light)
+        return {"mean_abs_heavy_minus_light": float((heavy - light).abs().mean()),
+                "hf_energy_heavy_lower_fraction": float((hf_h < hf_l).float().mean()),
+                "hf_energy_mean": {"heavy_prompt": float(hf_h.mean()), "light_prompt": float(hf_l.mean())}}
+
+    n = len(items)
+    seed_to_seed = float((outputs["correct"][:n] - outputs["correct"][n:]).abs().mean()) if args.seeds > 1 else None
+    result = {
+        "config": {k: v for k, v in vars(args).items() if k != "func"} | {
+            "model": "cpu-tiny (1.09 M)", "task": "PromptSR proper: epsilon prediction, L1, 2000-step linear schedule, 10 % empty prompts, DDIM sampling",
+            "blur_levels": BLUR_RANGES, "noise_levels": LEVEL_RANGES, "train_degraded_images": len(train_items),
+            "test": f"B100, {len(test_items)} degraded images, {n} crops x {args.seeds} seeds"},
+        "steps": step, "final_loss_mean_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "seconds": {"data": round(data_seconds, 1), "train": round(train_seconds, 1), "sample": round(sample_seconds, 1)},
+        "psnr_mean_db": {k: float(v.mean()) for k, v in p.items()},
+        "correct_vs_empty": compare(p["correct"], p["empty"]),
+        "empty_vs_swapped": compare(p["empty"], p["swapped"]),
+        "correct_vs_swapped": compare(p["correct"], p["swapped"]),
+        "partial_vs_empty": compare(p["partial"], p["empty"]),
+        "correct_vs_partial": compare(p["correct"], p["partial"]),
+        "noise_word": {"guidance_1": spread(""), f"guidance_{args.guidance:g}": spread(f"@{args.guidance:g}"),
+                       "seed_to_seed_mean_abs": seed_to_seed},
+    }
+    try:  # E4 on the diffusion model: the describer reads each whole degraded LR image
+        path = args.describer if args.describer.is_file() else None  # loaded only now: a describer may finish training meanwhile
+        describer = DegradationDescriber.load(path)
+        result["e4_describer"] = {"describer": str(path or "shipped")}
+        described = {id(it): d.prompt for it, d in zip(test_items, describer.describe_many([it["lr"] for it in test_items]))}
+        out_desc = sample([described[id(it)] for it in items], 1.0)
+        p_desc = psnr(out_desc, hr_all)
+        gain_gt = float((p["correct"] - p["empty"]).mean())
+        result["e4_describer"] |= {
+            "psnr_mean_db": float(p_desc.mean()),
+            "describer_vs_empty": compare(p_desc, p["empty"]),
+            "describer_vs_correct": compare(p_desc, p["correct"]),
+            "recovered_fraction_vs_empty_prompt": float((p_desc - p["empty"]).mean()) / gain_gt if abs(gain_gt) > 1e-6 else None,
+            "prompt_counts": {t: [described[id(it)] for it in items].count(t) for t in sorted(set(described[id(it)] for it in items))},
+        }
+    except Exception as exc:  # the describer is optional for E3
+        result["e4_describer"] = {"skipped": str(exc)}
+    result["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    _write(args.name, result)
+    _e3_figure(result, hr, lr, outputs, args.guidance, items, RESULTS / f"{args.name}.png")
+
+
+def _e3_figure(result: dict, hr, lr, outputs, guidance: float, items, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1, 2]})
+    names = list(result["psnr_mean_db"])
+    if "psnr_mean_db" in result.get("e4_describer", {}):
+        names.append("describer")
+    values = [result["psnr_mean_db"].get(n, result.get("e4_describer", {}).get("psnr_mean_db")) for n in names]
+    axes[0].bar(names, values, color=["C0", "C7", "C3", "C1", "C2"][: len(names)])
+    axes[0].set_ylim(min(values) - 0.5, max(values) + 0.3)
+    axes[0].set_ylabel("PSNR (dB), B100 crops")
+    axes[0].set_title("E3: diffusion model, DDIM")
+    heavy = [i for i, it in enumerate(items) if it["noise"] == "heavy"][:3]
+    g = f"@{guidance:g}"
+    tiles = [torch.cat([F.interpolate(lr[i : i + 1], scale_factor=4, mode="nearest")[0], outputs["light_noise"][i],
+                        outputs["heavy_noise"][i], outputs["light_noise" + g][i], outputs["heavy_noise" + g][i], hr[i]], 2) for i in heavy]
+    axes[1].imshow(torch.cat(tiles, 1).permute(1, 2, 0).numpy().clip(0, 1), interpolation="nearest")
+    axes[1].set_title(f"heavy-noise LR | 'light' | 'heavy' noise (w 1) | 'light' | 'heavy' (w {guidance:g}) | HR", fontsize=9)
+    axes[1].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 # ---------------------------------------------------------------------------------------------- bench
 
 
@@ -425,12 +690,19 @@ def bench(args: argparse.Namespace) -> None:
 
 
 def ship(args: argparse.Namespace) -> None:
-    """Copy a trained describer into the package with its held-out E1 figures, only if it clearly beats chance."""
+    """Copy a trained describer into the package with its held-out E1 figures, only if it clearly beats chance.
+
+    With `--priors natural` (default) the shipped logits carry the shift to the PromptSR chain's class priors
+    (`prior_shift`), and the stages it states are judged on those predictions."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from diffsr.models.describer import prior_shift
+    from diffsr.train.describer import degradation
+
     e1_result = json.loads((RESULTS / f"{args.e1}.json").read_text())
-    natural = e1_result["sets"]["natural"]["per_stage"]
+    variant = "target_priors" if args.priors == "natural" else "describer_priors"
+    natural = e1_result["sets"]["natural"][variant]["per_stage"]
     count = e1_result["test_images"]
     margins = {s: natural[s]["accuracy"] - natural[s]["chance_accuracy"] for s in natural}
     # a stage is stated only if its accuracy beats the majority class in a one-sided binomial test at 95 %
@@ -443,12 +715,15 @@ def ship(args: argparse.Namespace) -> None:
         return
     with safe_open(str(args.describer), "pt") as handle:
         metadata = dict(handle.metadata())
-    summary = {s: {k: natural[s][k] for k in ("accuracy", "chance_accuracy", "macro_f1")} | {
-        "baseline_accuracy": natural[s].get("baseline", {}).get("accuracy")} for s in natural}
+    summary = {s: {k: natural[s][k] for k in ("accuracy", "chance_accuracy", "macro_f1", "expected_calibration_error")} | {
+        "baseline_accuracy": e1_result["sets"]["natural"]["describer_priors"]["per_stage"][s].get("baseline", {}).get("accuracy")}
+        for s in natural}
     metadata["held_out"] = json.dumps(summary)
     metadata["stages"] = json.dumps(stated)
-    metadata["held_out_set"] = json.dumps(f"B100, {e1_result['test_images']} LR images, natural promptsr preset, fixed order; "
-                                          f"benchmarks/results/promptsr/{args.e1}.json")
+    if args.priors == "natural":
+        metadata["logit_shift"] = json.dumps(prior_shift(degradation(True), PRESETS["promptsr"]))
+    metadata["held_out_set"] = json.dumps(f"B100, {e1_result['test_images']} LR images, natural promptsr preset, fixed order, "
+                                          f"{args.priors} priors; benchmarks/results/promptsr/{args.e1}.json")
     target = REPO / "diffsr" / "models" / "describer.safetensors"
     save_file(load_file(str(args.describer)), str(target), metadata=metadata)
     print(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB)")
@@ -461,6 +736,7 @@ def main() -> None:
     p1.add_argument("--describer", type=Path, default=REPO / "diffsr" / "models" / "describer.safetensors")
     p1.add_argument("--seeds", type=int, default=5, help="degradations per B100 image")
     p1.add_argument("--calibration", type=int, default=300, help="BSDS500 train images to calibrate the baselines on")
+    p1.add_argument("--threshold", type=float, default=0.5, help="confidence below which a phrase is left out")
     p1.add_argument("--threads", type=int, default=1)
     p1.add_argument("--name", default="e1_describer")
     p1.set_defaults(func=e1)
@@ -478,6 +754,22 @@ def main() -> None:
     p2.add_argument("--save-models", type=Path, default=None, help="also torch.save both trained U-Nets here")
     p2.add_argument("--name", default="e2_text_path")
     p2.set_defaults(func=e2)
+    p5 = sub.add_parser("e3")
+    p5.add_argument("--budget-minutes", type=float, default=25.0, help="wall clock of training")
+    p5.add_argument("--train-images", type=int, default=300)
+    p5.add_argument("--test-images", type=int, default=32, help="B100 images; each is degraded at all 4 level pairs")
+    p5.add_argument("--hr-crop", type=int, default=64)
+    p5.add_argument("--batch", type=int, default=16)
+    p5.add_argument("--lr", type=float, default=1e-3)
+    p5.add_argument("--steps", type=int, default=20, help="DDIM steps at test time")
+    p5.add_argument("--seeds", type=int, default=2)
+    p5.add_argument("--guidance", type=float, default=2.0)
+    p5.add_argument("--seed", type=int, default=0)
+    p5.add_argument("--threads", type=int, default=1)
+    p5.add_argument("--describer", type=Path, default=REPO / "diffsr" / "models" / "describer.safetensors")
+    p5.add_argument("--save-model", type=Path, default=None)
+    p5.add_argument("--name", default="e3_diffusion")
+    p5.set_defaults(func=e3)
     p3 = sub.add_parser("bench")
     p3.add_argument("--device", default="cpu")
     p3.add_argument("--steps", type=int, nargs="+", default=[50, 20])
@@ -492,6 +784,8 @@ def main() -> None:
     p4 = sub.add_parser("ship")
     p4.add_argument("--describer", type=Path, required=True)
     p4.add_argument("--e1", default="e1_describer", help="name of the E1 result to read")
+    p4.add_argument("--priors", choices=("natural", "describer"), default="natural",
+                    help="natural: ship the logit shift to the PromptSR chain's class priors")
     p4.set_defaults(func=ship)
     args = parser.parse_args()
     args.func(args)

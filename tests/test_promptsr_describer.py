@@ -115,3 +115,29 @@ def test_describe_command_prints_prompts_and_json(tmp_path, capsys):
     assert record["prompt"].startswith("[") and set(record["probabilities"]) == set(STAGES)
     assert main(["describe", str(image), "--weights", str(tmp_path / "absent.safetensors")]) == 1
     assert "diffsr train describer" in capsys.readouterr().err
+
+
+def test_prior_shift_moves_balanced_posteriors_to_the_promptsr_chain():
+    from diffsr.models.describer import prior_shift
+    from diffsr.train.describer import degradation
+
+    balanced, natural = degradation(True), PRESETS["promptsr"]
+    shift = prior_shift(balanced, natural)
+    # the offsets are log frequency ratios of each class under the two chains (drawn plans, no pixels)
+    counts = {}
+    for config in (balanced, natural):
+        degrader = Degrader(config)
+        rows = [labels_from_steps(degrader.plan(sample_seed(5, i), (64, 64))[1].steps) for i in range(1500)]
+        counts[config.name] = {s: torch.bincount(torch.tensor([r[s] for r in rows]), minlength=len(CLASSES[s])).float() for s in STAGES}
+    for s in STAGES:
+        ratio = (counts[natural.name][s] / counts[balanced.name][s]).log()
+        assert torch.allclose(ratio, torch.tensor(shift[s], dtype=torch.float32), atol=0.3), (s, ratio, shift[s])
+    # a describer whose metadata carries the shift adds it to every image's tile-averaged logits
+    net = DescriberNet()
+    lr = torch.rand(2, 3, 70, 90)
+    plain = DegradationDescriber(net, tile=32).logits(lr)
+    shifted = DegradationDescriber(net, {"logit_shift": shift}, tile=32).logits(lr)
+    for s in STAGES:
+        assert torch.allclose(shifted[s] - plain[s], torch.tensor(shift[s]).expand(2, -1), atol=1e-5)
+    with pytest.raises(ValueError, match="differ in more than their stage probabilities"):
+        prior_shift(balanced, PRESETS["realesrgan"])

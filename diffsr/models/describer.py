@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffsr.degrade.config import DegradationConfig
 from diffsr.degrade.prompts import LEVELS, PromptBins, join
 from diffsr.models.loading import WeightsError
 
@@ -100,6 +101,33 @@ class DescriberNet(nn.Module):
         return {stage: head(pooled) for stage, head in self.heads.items()}
 
 
+def prior_shift(trained: DegradationConfig, target: DegradationConfig) -> dict[str, list[float]]:
+    """Per-class logit offsets, log(prior_target / prior_trained), for a describer trained on `trained`.
+
+    Why: the describer learns from balanced classes (each stage absent 1/4, resize directions 1/3) so that
+    no class is rare, while the prompts the SR model learned follow its own training chain (a stage absent
+    1/10, "down" 7/10); Bayes' rule moves the posterior to those priors by these offsets. Only the stage
+    probabilities may differ between the two chains: the level shares inside an applied stage (ranges,
+    kernels, bin edges) must be equal, which is checked.
+    """
+    a, b = trained.first, target.first
+    same = replace(a, blur_prob=b.blur_prob, noise_prob=b.noise_prob, jpeg_prob=b.jpeg_prob, resize_probs=b.resize_probs)
+    if same != b or trained.second is not None or target.second is not None:
+        raise ValueError(f"prior_shift: '{trained.name}' and '{target.name}' differ in more than their stage probabilities")
+
+    def applied(p_train: float, p_target: float, levels: int) -> list[float]:
+        return [math.log((1 - p_target) / (1 - p_train))] + [math.log(p_target / p_train)] * levels
+
+    up, down, keep = a.resize_probs
+    up_t, down_t, keep_t = b.resize_probs
+    return {
+        "blur": applied(a.blur_prob, b.blur_prob, len(LEVELS)),
+        "resize": [math.log(down_t / down), math.log(keep_t / keep), math.log(up_t / up)],  # CLASSES order: down, keep, up
+        "noise": applied(a.noise_prob, b.noise_prob, len(LEVELS)),
+        "compression": applied(a.jpeg_prob, b.jpeg_prob, len(LEVELS)),
+    }
+
+
 def labels_from_steps(steps: Sequence[dict[str, Any]], bins: PromptBins | None = None) -> dict[str, int]:
     """Class index per stage from a `DegradationRecord`'s first-pass steps (the final resize is not a class)."""
     bins = bins or PromptBins()
@@ -164,6 +192,9 @@ class DegradationDescriber:
         self.threshold = threshold
         self.stages = tuple(stages if stages is not None else self.metadata.get("stages", STAGES))
         """Stages the describer states; the shipped weights leave out those that did not beat chance on held-out data."""
+        shift = self.metadata.get("logit_shift", {})
+        self.logit_shift = {stage: torch.tensor(values, device=self.device) for stage, values in shift.items()}
+        """Offsets added to the logits (`prior_shift`): class priors of the SR model's training chain, not the describer's."""
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: torch.device | str = "cpu", **kwargs: Any) -> DegradationDescriber:
@@ -204,12 +235,13 @@ class DegradationDescriber:
         lr = lr.to(self.device, torch.float32)
         h, w = lr.shape[-2:]
         if min(h, w) <= self.tile:
-            return self.net(lr)
-        ys, xs = _starts(h, self.tile), _starts(w, self.tile)
-        crops = torch.stack([lr[..., y : y + self.tile, x : x + self.tile] for y in ys for x in xs], 1)
-        n, k = crops.shape[:2]
-        out = self.net(crops.flatten(0, 1))
-        return {stage: value.view(n, k, -1).mean(1) for stage, value in out.items()}
+            out = self.net(lr)
+        else:
+            ys, xs = _starts(h, self.tile), _starts(w, self.tile)
+            crops = torch.stack([lr[..., y : y + self.tile, x : x + self.tile] for y in ys for x in xs], 1)
+            n, k = crops.shape[:2]
+            out = {stage: value.view(n, k, -1).mean(1) for stage, value in self.net(crops.flatten(0, 1)).items()}
+        return {stage: value + self.logit_shift[stage] if stage in self.logit_shift else value for stage, value in out.items()}
 
     def describe_many(self, images: Sequence[torch.Tensor], bins: PromptBins | None = None) -> list[DegradationPrediction]:
         """`describe` for 3 x h x w images of different sizes, one at a time."""
