@@ -167,7 +167,7 @@ def e1(args: argparse.Namespace) -> None:
     describer = DegradationDescriber.load(args.describer)
     describer.logit_shift = {}  # score the network's own posteriors; the priors are applied explicitly below
     bins = PromptBins()
-    b100 = load_hr(SHARED / "bench" / "b100" / "HR")
+    b100 = load_hr(SHARED / "bench" / "b100" / "HR", args.test_images)
     tests = [img for img in b100 for _ in range(args.seeds)]
     results: dict = {"describer": str(args.describer), "describer_metadata": describer.metadata, "seeds_per_image": args.seeds,
                      "test_images": len(tests), "threshold": args.threshold, "sets": {}}
@@ -191,7 +191,16 @@ def e1(args: argparse.Namespace) -> None:
         distances = [_edge_distance(r.steps, bins) for r in records]
         factors = torch.tensor([next((st.get("factor", 1.0) for st in r.steps if st["stage"] == "resize" and st.get("pass") == 1), 1.0)
                                 for r in records])
-        entry_set: dict = {}
+        # What any describer can see of the noise: the same seeds replayed on a flat grey image give the LR's
+        # noise level after the resizes; the best thresholds on it, fitted on the test set itself, bound how
+        # well the noise bin (drawn before the resizes) can be told from the noise level
+        flats, _ = degrade_all([torch.full_like(img, 0.5) for img in tests], config, [sample_seed(1234, mode, i) for i in range(len(tests))])
+        visible = torch.stack([flat.std() * 255 for flat in flats])
+        oracle = ThresholdClassifier.fit(visible, labels["noise"])
+        entry_set: dict = {"noise_level_oracle": {
+            "accuracy": float((oracle.predict(visible) == labels["noise"]).float().mean()),
+            "what": "best thresholds on the LR's own noise level (std of the same degradation of a flat grey image), fitted on the test set"}}
+        print(f"{mode:9s} noise-level oracle accuracy {entry_set['noise_level_oracle']['accuracy']:.3f}")
         for variant, logits in variants.items():
             if mode == "balanced" and variant == "target_priors":
                 continue  # the balanced set has the describer's own priors: the shift is zero
@@ -254,6 +263,9 @@ def _e1_figure(results: dict, path: Path) -> None:
         ax.bar([i - 0.27 for i in x], [rep[s]["accuracy"] for s in stages], 0.27, label="describer")
         ax.bar(list(x), [rep[s].get("baseline", {}).get("accuracy", 0) for s in stages], 0.27, label="classical baseline")
         ax.bar([i + 0.27 for i in x], [rep[s]["chance_accuracy"] for s in stages], 0.27, label="majority class")
+        oracle = results["sets"][mode].get("noise_level_oracle", {}).get("accuracy")
+        if oracle is not None:
+            ax.scatter([stages.index("noise")], [oracle], marker="*", s=120, color="C3", label="noise-level oracle", zorder=3)
         ax.set_xticks(list(x), stages)
         ax.set_ylim(0, 1)
         ax.set_title(f"held-out B100, {mode} sampling")
@@ -758,6 +770,7 @@ def main() -> None:
     p1 = sub.add_parser("e1")
     p1.add_argument("--describer", type=Path, default=REPO / "diffsr" / "models" / "describer.safetensors")
     p1.add_argument("--seeds", type=int, default=5, help="degradations per B100 image")
+    p1.add_argument("--test-images", type=int, default=None, help="B100 images (default: all 100)")
     p1.add_argument("--calibration", type=int, default=300, help="BSDS500 train images to calibrate the baselines on")
     p1.add_argument("--threshold", type=float, default=0.5, help="confidence below which a phrase is left out")
     p1.add_argument("--threads", type=int, default=1)
