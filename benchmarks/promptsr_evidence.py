@@ -77,6 +77,12 @@ def bootstrap_ci(diff: torch.Tensor, resamples: int = 2000, seed: int = 0) -> li
     return [float(means.quantile(0.025)), float(means.quantile(0.975))]
 
 
+def _paired(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Mean per-sample difference (dB), its 95 % paired-bootstrap interval and the fraction of wins."""
+    diff = a - b
+    return {"mean_db": float(diff.mean()), "ci95_db": bootstrap_ci(diff), "wins": float((diff > 0).float().mean())}
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) on RGB in [0, 1], 8-bit rounded like a saved image."""
     a = (a.clamp(0, 1) * 255).round() / 255
@@ -398,8 +404,7 @@ def e2(args: argparse.Namespace) -> None:
          {"correct": correct, "swapped": swapped, "empty": empty, "no_prompt_model": noprompt}.items()}
 
     def compare(a: str, b: str) -> dict:
-        diff = p[a] - p[b]
-        return {"mean_db": float(diff.mean()), "ci95_db": bootstrap_ci(diff), "wins": float((diff > 0).float().mean())}
+        return _paired(p[a], p[b])
 
     hf_h, hf_l = laplacian_energy(out_heavy), laplacian_energy(out_light)
     result = {
@@ -511,9 +516,74 @@ def _e3_data(images: list[torch.Tensor], seed: int) -> list[dict]:
     return items
 
 
+def _e3_test_crops(test_items: list[dict], lr_size: int):
+    """One fixed centre crop per degraded test image: HR, LR and the item of each crop."""
+    hr, lr, index = _crops(test_items, len(test_items), torch.Generator().manual_seed(1), lr_size, fixed=True)
+    return hr, lr, [test_items[i] for i in index]
+
+
+def _e3_sampler(pipe, lr: torch.Tensor, args: argparse.Namespace):
+    """DDIM outputs for one prompt per crop, for each of `args.seeds` seeds (seed-major order)."""
+    def sample(texts: list[str], guidance: float) -> torch.Tensor:
+        outs = []
+        for seed in range(args.seeds):
+            for start in range(0, len(texts), 64):
+                sl = slice(start, start + 64)
+                outs.append(pipe(lr[sl], texts[sl], steps=args.steps, guidance_scale=guidance, seed=seed * 1000 + start, tile=0))
+        return torch.cat(outs)
+    return sample
+
+
+def _e4_on_diffusion(describer_path: Path, test_items, items, sample, p_correct: torch.Tensor, p_empty: torch.Tensor, hr_all) -> dict:
+    """E4: the describer reads each whole degraded LR image; its prompts restore the crops."""
+    from diffsr.models.describer import DegradationDescriber
+
+    try:
+        path = describer_path if describer_path.is_file() else None  # loaded only now: a describer may finish training meanwhile
+        describer = DegradationDescriber.load(path)
+    except Exception as exc:  # the describer is optional for E3
+        return {"skipped": str(exc)}
+    described = {id(it): d.prompt for it, d in zip(test_items, describer.describe_many([it["lr"] for it in test_items]))}
+    texts = [described[id(it)] for it in items]
+    p_desc = psnr(sample(texts, 1.0), hr_all)
+    gain_gt = float((p_correct - p_empty).mean())
+    return {
+        "describer": str(path or "shipped"),
+        "psnr_mean_db": float(p_desc.mean()),
+        "describer_vs_empty": _paired(p_desc, p_empty),
+        "describer_vs_correct": _paired(p_desc, p_correct),
+        "recovered_fraction_vs_empty_prompt": float((p_desc - p_empty).mean()) / gain_gt if abs(gain_gt) > 1e-6 else None,
+        "prompt_counts": {t: texts.count(t) for t in sorted(set(texts))},
+    }
+
+
+def e4(args: argparse.Namespace) -> None:
+    """E4 again on a saved E3 model (e.g. with a newer describer): correct, empty and describer prompts only."""
+    from diffsr.models.promptsr import PromptSRConfig, build_unet, minilm_encoder
+    from diffsr.pipelines.promptsr import PromptSRPipeline
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    test_items = _e3_data(load_hr(SHARED / "bench" / "b100" / "HR", args.test_images), 777)
+    encoder = minilm_encoder()
+    saved = torch.load(args.model, map_location="cpu", weights_only=True)
+    unet = build_unet("cpu-tiny", encoder.hidden_size, seed=0)
+    unet.load_state_dict(saved["unet"])
+    pipe = PromptSRPipeline(unet.eval(), encoder, {}, PromptSRConfig(text_encoder=encoder.identity()))
+    hr, lr, items = _e3_test_crops(test_items, args.hr_crop // 4)
+    sample = _e3_sampler(pipe, lr, args)
+    hr_all = hr.repeat(args.seeds, 1, 1, 1)
+    p_correct = psnr(sample([it["prompt"] for it in items], 1.0), hr_all)
+    p_empty = psnr(sample([""] * len(items), 1.0), hr_all)
+    result = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "e3_model_steps": saved["steps"],
+              "psnr_mean_db": {"correct": float(p_correct.mean()), "empty": float(p_empty.mean())},
+              "e4_describer": _e4_on_diffusion(args.describer, test_items, items, sample, p_correct, p_empty, hr_all),
+              "seconds": round(time.perf_counter() - started, 1)}
+    _write(args.name, result)
+
+
 def e3(args: argparse.Namespace) -> None:
     """The diffusion model proper: does it use the prompt? correct / empty / swapped / partial prompts, CFG (+ E4)."""
-    from diffsr.models.describer import DegradationDescriber
     from diffsr.models.promptsr import TRAIN_TIMESTEPS, EmbeddingCache, PromptSRConfig, build_unet, minilm_encoder, predict_noise, train_scheduler, upsample_lr
     from diffsr.pipelines.promptsr import PromptSRPipeline
 
@@ -550,9 +620,7 @@ def e3(args: argparse.Namespace) -> None:
 
     unet.eval()
     pipe = PromptSRPipeline(unet, encoder, {}, PromptSRConfig(text_encoder=encoder.identity()))
-    crop_gen = torch.Generator().manual_seed(1)
-    hr, lr, index = _crops(test_items, len(test_items), crop_gen, lr_size, fixed=True)
-    items = [test_items[i] for i in index]
+    hr, lr, items = _e3_test_crops(test_items, lr_size)
     prompts = {
         "correct": [it["prompt"] for it in items],
         "empty": [""] * len(items),
@@ -565,14 +633,7 @@ def e3(args: argparse.Namespace) -> None:
     runs += [("heavy_noise", args.guidance), ("light_noise", args.guidance)]
     outputs: dict[str, torch.Tensor] = {}
     t1 = time.perf_counter()
-
-    def sample(texts: list[str], guidance: float) -> torch.Tensor:
-        outs = []
-        for seed in range(args.seeds):
-            for start in range(0, len(texts), 64):
-                sl = slice(start, start + 64)
-                outs.append(pipe(lr[sl], texts[sl], steps=args.steps, guidance_scale=guidance, seed=seed * 1000 + start, tile=0))
-        return torch.cat(outs)  # seed-major: [seed 0: all crops, seed 1: all crops, ...]
+    sample = _e3_sampler(pipe, lr, args)
 
     for name, guidance in runs:
         key = name if guidance == 1.0 else f"{name}@{guidance:g}"
@@ -581,10 +642,6 @@ def e3(args: argparse.Namespace) -> None:
     sample_seconds = time.perf_counter() - t1
     hr_all = hr.repeat(args.seeds, 1, 1, 1)
     p = {k: psnr(outputs[k], hr_all) for k in ("correct", "empty", "swapped", "partial")}
-
-    def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
-        diff = a - b
-        return {"mean_db": float(diff.mean()), "ci95_db": bootstrap_ci(diff), "wins": float((diff > 0).float().mean())}
 
     def spread(g: str) -> dict:
         heavy, light = outputs["heavy_noise" + g], outputs["light_noise" + g]
@@ -603,31 +660,15 @@ def e3(args: argparse.Namespace) -> None:
         "steps": step, "final_loss_mean_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])),
         "seconds": {"data": round(data_seconds, 1), "train": round(train_seconds, 1), "sample": round(sample_seconds, 1)},
         "psnr_mean_db": {k: float(v.mean()) for k, v in p.items()},
-        "correct_vs_empty": compare(p["correct"], p["empty"]),
-        "empty_vs_swapped": compare(p["empty"], p["swapped"]),
-        "correct_vs_swapped": compare(p["correct"], p["swapped"]),
-        "partial_vs_empty": compare(p["partial"], p["empty"]),
-        "correct_vs_partial": compare(p["correct"], p["partial"]),
+        "correct_vs_empty": _paired(p["correct"], p["empty"]),
+        "empty_vs_swapped": _paired(p["empty"], p["swapped"]),
+        "correct_vs_swapped": _paired(p["correct"], p["swapped"]),
+        "partial_vs_empty": _paired(p["partial"], p["empty"]),
+        "correct_vs_partial": _paired(p["correct"], p["partial"]),
         "noise_word": {"guidance_1": spread(""), f"guidance_{args.guidance:g}": spread(f"@{args.guidance:g}"),
                        "seed_to_seed_mean_abs": seed_to_seed},
     }
-    try:  # E4 on the diffusion model: the describer reads each whole degraded LR image
-        path = args.describer if args.describer.is_file() else None  # loaded only now: a describer may finish training meanwhile
-        describer = DegradationDescriber.load(path)
-        result["e4_describer"] = {"describer": str(path or "shipped")}
-        described = {id(it): d.prompt for it, d in zip(test_items, describer.describe_many([it["lr"] for it in test_items]))}
-        out_desc = sample([described[id(it)] for it in items], 1.0)
-        p_desc = psnr(out_desc, hr_all)
-        gain_gt = float((p["correct"] - p["empty"]).mean())
-        result["e4_describer"] |= {
-            "psnr_mean_db": float(p_desc.mean()),
-            "describer_vs_empty": compare(p_desc, p["empty"]),
-            "describer_vs_correct": compare(p_desc, p["correct"]),
-            "recovered_fraction_vs_empty_prompt": float((p_desc - p["empty"]).mean()) / gain_gt if abs(gain_gt) > 1e-6 else None,
-            "prompt_counts": {t: [described[id(it)] for it in items].count(t) for t in sorted(set(described[id(it)] for it in items))},
-        }
-    except Exception as exc:  # the describer is optional for E3
-        result["e4_describer"] = {"skipped": str(exc)}
+    result["e4_describer"] = _e4_on_diffusion(args.describer, test_items, items, sample, p["correct"], p["empty"], hr_all)
     result["seconds"]["total"] = round(time.perf_counter() - started, 1)
     _write(args.name, result)
     _e3_figure(result, hr, lr, outputs, args.guidance, items, RESULTS / f"{args.name}.png")
@@ -806,6 +847,16 @@ def main() -> None:
     p5.add_argument("--save-model", type=Path, default=None)
     p5.add_argument("--name", default="e3_diffusion")
     p5.set_defaults(func=e3)
+    p7 = sub.add_parser("e4")
+    p7.add_argument("--model", type=Path, required=True, help="an E3 model saved with e3 --save-model")
+    p7.add_argument("--test-images", type=int, default=32, help="as in the E3 run")
+    p7.add_argument("--hr-crop", type=int, default=64)
+    p7.add_argument("--steps", type=int, default=20)
+    p7.add_argument("--seeds", type=int, default=2)
+    p7.add_argument("--threads", type=int, default=1)
+    p7.add_argument("--describer", type=Path, default=REPO / "diffsr" / "models" / "describer.safetensors")
+    p7.add_argument("--name", default="e4_diffusion")
+    p7.set_defaults(func=e4)
     p3 = sub.add_parser("bench")
     p3.add_argument("--device", default="cpu")
     p3.add_argument("--steps", type=int, nargs="+", default=[50, 20])
