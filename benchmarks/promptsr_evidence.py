@@ -738,7 +738,7 @@ def bench(args: argparse.Namespace) -> None:
     for tile in args.tiles if args.large else ():
         rows.append(measure(args.large_lr, args.large_steps, tile))
     _write(args.name, {"device": str(device), "threads": args.threads, "model": "default (102.8 M), random weights, fp32",
-                       "note": "timed on a shared 2-core CPU under heavy load from other jobs; read as upper bounds",
+                       "note": args.note,
                        "rows": rows})
 
 
@@ -866,6 +866,7 @@ def main() -> None:
     p3.add_argument("--tiles", type=int, nargs="+", default=[256, 0], help="tile sizes of the large run (0 = untiled), "
                     "smallest peak first: peak RSS growth is per process")
     p3.add_argument("--threads", type=int, default=2)
+    p3.add_argument("--note", default="", help="conditions of the run (machine load), stored with the figures")
     p3.add_argument("--name", default="bench")
     p3.set_defaults(func=bench)
     p6 = sub.add_parser("real")
