@@ -58,6 +58,10 @@ class PromptBins:
     up_word: str = "upsample"
     down_word: str = "downsample"
 
+    def noun(self, stage: str) -> str:
+        """The word after the level in a stage's phrase ("heavy <noun>"): blur, noise or compression."""
+        return {"blur": self.blur_word, "noise": self.noise_word, "compression": self.compression_word}[stage]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -70,26 +74,38 @@ class PromptBins:
         return cls(**values)
 
 
-def phrase(step: dict[str, Any], bins: PromptBins) -> tuple[str, str] | None:
-    """(stage name, phrase) for one applied step of a record, or None for steps without a word (sinc)."""
+def binned_parameter(step: dict[str, Any], bins: PromptBins) -> tuple[str, float, Bins] | None:
+    """(stage name, the parameter its level word is binned on, those bins) for a blur, noise or JPEG step.
+
+    None for other steps and for sinc blur (ringing has no word in PromptSR's vocabulary). Anisotropic blur
+    is binned on the larger sigma; Gaussian noise on sigma, Poisson noise on its scale.
+    """
     kind = step["stage"]
     if kind == "blur":
-        if step["kernel"] == "sinc":
-            return None  # ringing has no word in PromptSR's vocabulary
-        return "blur", f"{bins.blur.word(max(step['sigma_x'], step['sigma_y']))} {bins.blur_word}"
-    if kind == "resize":
+        return None if step.get("kernel") == "sinc" else ("blur", max(step["sigma_x"], step["sigma_y"]), bins.blur)
+    if kind == "noise":
+        if step["type"] == "gaussian":
+            return "noise", step["sigma"], bins.gaussian_noise
+        return "noise", step["scale"], bins.poisson_noise
+    if kind == "jpeg":
+        return "compression", step["quality"], bins.compression
+    return None
+
+
+def phrase(step: dict[str, Any], bins: PromptBins) -> tuple[str, str] | None:
+    """(stage name, phrase) for one applied step of a record, or None for steps without a word (sinc)."""
+    if step["stage"] == "resize":
         stage = "final" if step["pass"] == "final" else "resize"
         if stage == "final":
             return stage, bins.down_word  # the net result is always 1/scale of the HR
         if step["direction"] == "keep":
             return None
         return stage, bins.up_word if step["direction"] == "up" else bins.down_word
-    if kind == "noise":
-        level = bins.gaussian_noise.word(step["sigma"]) if step["type"] == "gaussian" else bins.poisson_noise.word(step["scale"])
-        return "noise", f"{level} {bins.noise_word}"
-    if kind == "jpeg":
-        return "compression", f"{bins.compression.word(step['quality'])} {bins.compression_word}"
-    return None
+    binned = binned_parameter(step, bins)
+    if binned is None:
+        return None
+    stage, value, stage_bins = binned
+    return stage, f"{stage_bins.word(value)} {bins.noun(stage)}"
 
 
 def phrases(steps: Iterable[dict[str, Any]], bins: PromptBins | None = None, stages: Iterable[str] | None = None) -> list[str]:

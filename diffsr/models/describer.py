@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffsr.degrade.config import DegradationConfig
-from diffsr.degrade.prompts import LEVELS, PromptBins, join
+from diffsr.degrade.prompts import LEVELS, PromptBins, binned_parameter, join
 from diffsr.models.loading import WeightsError
 
 STAGES = ("blur", "resize", "noise", "compression")
@@ -135,16 +135,11 @@ def labels_from_steps(steps: Sequence[dict[str, Any]], bins: PromptBins | None =
     for step in steps:
         if step.get("pass") == "final":
             continue
-        kind = step["stage"]
-        if kind == "blur" and step.get("kernel") != "sinc":
-            labels["blur"] = 1 + LEVELS.index(bins.blur.word(max(step["sigma_x"], step["sigma_y"])))
-        elif kind == "resize":
+        if step["stage"] == "resize":
             labels["resize"] = CLASSES["resize"].index(step["direction"])
-        elif kind == "noise":
-            word = bins.gaussian_noise.word(step["sigma"]) if step["type"] == "gaussian" else bins.poisson_noise.word(step["scale"])
-            labels["noise"] = 1 + LEVELS.index(word)
-        elif kind == "jpeg":
-            labels["compression"] = 1 + LEVELS.index(bins.compression.word(step["quality"]))
+        elif (binned := binned_parameter(step, bins)) is not None:
+            stage, value, stage_bins = binned
+            labels[stage] = 1 + LEVELS.index(stage_bins.word(value))
     return labels
 
 
@@ -165,7 +160,6 @@ class DegradationPrediction:
 def prompt_from_classes(classes: dict[str, int], bins: PromptBins | None = None) -> str:
     """Canonical-order prompt (blur, resize, noise, compression, final downsample) from class indices."""
     bins = bins or PromptBins()
-    words = {"blur": bins.blur_word, "noise": bins.noise_word, "compression": bins.compression_word}
     parts = []
     for stage in STAGES:
         if stage not in classes:
@@ -175,7 +169,7 @@ def prompt_from_classes(classes: dict[str, int], bins: PromptBins | None = None)
             if name != "keep":
                 parts.append(bins.up_word if name == "up" else bins.down_word)
         elif name != "none":
-            parts.append(f"{name} {words[stage]}")
+            parts.append(f"{name} {bins.noun(stage)}")
     parts.append(bins.down_word)
     return join(parts)
 
