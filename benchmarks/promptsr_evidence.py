@@ -100,23 +100,15 @@ def laplacian_energy(x: torch.Tensor) -> torch.Tensor:
 
 def _edge_distance(steps: list[dict], bins) -> dict[str, float]:
     """Per applied stage: distance of its parameter to the nearest inner bin edge, in widths of the bin it falls in."""
+    from diffsr.degrade.prompts import binned_parameter
+
     out = {}
     for step in steps:
-        if step.get("pass") == "final":
-            continue
-        kind = step["stage"]
-        if kind == "blur":
-            value, b, stage = max(step["sigma_x"], step["sigma_y"]), bins.blur, "blur"
-        elif kind == "noise":
-            value, stage = (step["sigma"], "noise") if step["type"] == "gaussian" else (step["scale"], "noise")
-            b = bins.gaussian_noise if step["type"] == "gaussian" else bins.poisson_noise
-        elif kind == "jpeg":
-            value, b, stage = float(step["quality"]), bins.compression, "compression"
-        else:
-            continue
-        i = b.index(value)
-        width = b.edges[i + 1] - b.edges[i]
-        out[stage] = min(abs(value - e) for e in b.edges[1:-1]) / width
+        binned = None if step.get("pass") == "final" else binned_parameter(step, bins)
+        if binned is not None:
+            stage, value, stage_bins = binned
+            i = stage_bins.index(value)
+            out[stage] = min(abs(value - e) for e in stage_bins.edges[1:-1]) / (stage_bins.edges[i + 1] - stage_bins.edges[i])
     return out
 
 
@@ -181,7 +173,8 @@ def e1(args: argparse.Namespace) -> None:
     trained_on = degradation(True)
     for mode in ("natural", "balanced"):
         config = PRESETS["promptsr"] if mode == "natural" else trained_on
-        lrs, records = degrade_all(tests, config, [sample_seed(1234, mode, i) for i in range(len(tests))])
+        seeds = [sample_seed(1234, mode, i) for i in range(len(tests))]
+        lrs, records = degrade_all(tests, config, seeds)
         labels = {s: torch.tensor([labels_from_steps(r.steps)[s] for r in records]) for s in STAGES}
         raw = {s: [] for s in STAGES}
         for lr in lrs:
@@ -200,7 +193,7 @@ def e1(args: argparse.Namespace) -> None:
         # What any describer can see of the noise: the same seeds replayed on a flat grey image give the LR's
         # noise level after the resizes; the best thresholds on it, fitted on the test set itself, bound how
         # well the noise bin (drawn before the resizes) can be told from the noise level
-        flats, _ = degrade_all([torch.full_like(img, 0.5) for img in tests], config, [sample_seed(1234, mode, i) for i in range(len(tests))])
+        flats, _ = degrade_all([torch.full_like(img, 0.5) for img in tests], config, seeds)
         visible = torch.stack([flat.std() * 255 for flat in flats])
         oracle = ThresholdClassifier.fit(visible, labels["noise"])
         entry_set: dict = {"noise_level_oracle": {
@@ -218,10 +211,10 @@ def e1(args: argparse.Namespace) -> None:
                 if s != "resize":  # accuracy against the distance to the nearest bin edge, on images where the stage ran
                     hit = (logits[s].argmax(1) == y)
                     dist = torch.tensor([d.get(s, -1.0) for d in distances])
+                    buckets = {f"[{lo}, {hi})": (dist >= lo) & (dist < hi) for lo, hi in ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 9.0))}
                     entry["accuracy_by_edge_distance"] = {
-                        f"[{lo}, {hi})": {"count": int(((dist >= lo) & (dist < hi)).sum()),
-                                          "accuracy": float(hit[(dist >= lo) & (dist < hi)].float().mean()) if ((dist >= lo) & (dist < hi)).any() else None}
-                        for lo, hi in ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 9.0))}
+                        name: {"count": int(mask.sum()), "accuracy": float(hit[mask].float().mean()) if mask.any() else None}
+                        for name, mask in buckets.items()}
                 if s in BASELINES and variant == "describer_priors":
                     fn = BASELINES[s]
                     feature = torch.stack([fn(lr[None])[0] for lr in lrs])
@@ -626,10 +619,11 @@ def e3(args: argparse.Namespace) -> None:
         "empty": [""] * len(items),
         "swapped": [_e3_prompt(SWAP[it["blur"]], SWAP[it["noise"]]) for it in items],
         "partial": [_e3_prompt(it["blur"], None) if k % 2 else _e3_prompt(None, it["noise"]) for k, it in enumerate(items)],
+        "noise_swapped": [_e3_prompt(it["blur"], SWAP[it["noise"]]) for it in items],
         "heavy_noise": [_e3_prompt(it["blur"], "heavy") for it in items],
         "light_noise": [_e3_prompt(it["blur"], "light") for it in items],
     }
-    runs = [(name, 1.0) for name in ("correct", "empty", "swapped", "partial", "heavy_noise", "light_noise")]
+    runs = [(name, 1.0) for name in ("correct", "empty", "swapped", "partial", "noise_swapped")]
     runs += [("heavy_noise", args.guidance), ("light_noise", args.guidance)]
     outputs: dict[str, torch.Tensor] = {}
     t1 = time.perf_counter()
@@ -640,6 +634,10 @@ def e3(args: argparse.Namespace) -> None:
         outputs[key] = sample(prompts[name], guidance)
         print(f"sampled {key} ({time.perf_counter() - t1:.0f} s)", flush=True)
     sample_seconds = time.perf_counter() - t1
+    # at guidance 1 one of the two noise words is each crop's correct prompt: reuse that run instead of sampling it again
+    heavy = torch.tensor([it["noise"] == "heavy" for it in items]).repeat(args.seeds).view(-1, 1, 1, 1)
+    outputs["heavy_noise"] = torch.where(heavy, outputs["correct"], outputs["noise_swapped"])
+    outputs["light_noise"] = torch.where(heavy, outputs["noise_swapped"], outputs["correct"])
     hr_all = hr.repeat(args.seeds, 1, 1, 1)
     p = {k: psnr(outputs[k], hr_all) for k in ("correct", "empty", "swapped", "partial")}
 
